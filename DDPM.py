@@ -1,0 +1,247 @@
+"""Gaussian diffusion for mask generation: forward noising and the DDPM / DDIM samplers.
+
+Read beside
+  Ho et al. 2020, "Denoising Diffusion Probabilistic Models"      (eqs. 4, 6, 7, 11, 15)
+  Nichol & Dhariwal 2021, "Improved DDPM"                          (eq. 17, cosine schedule)
+  Song et al. 2021, "Denoising Diffusion Implicit Models"          (eq. 12, strided sampling)
+  Salimans & Ho 2022, "Progressive Distillation"                   (v-prediction)
+
+Masks live in diffusion space [-1, 1]: x0 = 2 * mask - 1. The model sees the noisy mask
+concatenated with the conditioning image, `model(torch.cat([x_t, image], 1), t)`, with `t`
+the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v.
+"""
+import torch
+from tqdm.auto import tqdm
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+SCHEDULES = ("cosine", "linear")
+
+
+def extract(arr, t, shape):
+    """Gather arr[t] for a batch of timesteps and reshape to broadcast against `shape`."""
+    out = arr.to(t.device)[t].float()                       # (B,)
+    return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))  # (B, 1, 1, 1)
+
+
+def ddim_timesteps(num_timesteps, steps):
+    """The strided grid the DDIM sampler visits, as a descending list of ints.
+
+    Rule: `steps` timesteps evenly spaced from T-1 down to 0 inclusive, rounded to the
+    nearest integer: t_i = round((T-1) * (steps-1-i) / (steps-1)) for i = 0..steps-1.
+    Both ends are always included, so the first step starts from pure noise at T-1 and the
+    last one lands on t=0. With steps=1 the grid is [T-1]: one jump straight to x0.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    grid = [round((num_timesteps - 1) * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
+    assert len(set(grid)) == steps, grid  # spacing >= 1 keeps rounded values distinct
+    return grid
+
+
+def _randn(shape, generator, device):
+    # A generator lives on one device; draw there and move, so a CPU generator seeds a GPU run.
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class Diffusion:
+    """The fixed forward process q and the reverse-process samplers built on a noise model.
+
+    All schedule quantities are computed in float64 and stored as float32 CPU tensors; they
+    are moved to the caller's device when used, so one object serves any model and device.
+    """
+
+    def __init__(self, timesteps=1000, schedule="cosine", prediction="eps"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+        self.num_timesteps = int(timesteps)
+        self.schedule = schedule
+        self.prediction = prediction
+
+        # imported here: train_utils imports this module, and the schedules belong there
+        from train_utils import cosine_beta_schedule, linear_beta_schedule
+        make_betas = cosine_beta_schedule if schedule == "cosine" else linear_beta_schedule
+        betas = make_betas(self.num_timesteps).double()
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+
+        # q(x_t | x_0), Ho eq. 4
+        sqrt_alphas_cumprod = alphas_cumprod.sqrt()
+        sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
+        # x0 from (x_t, eps), Ho eq. 15 rearranged
+        sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
+        sqrt_recipm1_alphas_cumprod = (1.0 / alphas_cumprod - 1.0).sqrt()
+        # q(x_{t-1} | x_t, x_0), Ho eqs. 6-7
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # the variance is 0 at t=0; log of the t=1 value there keeps it finite (improved-DDPM)
+        posterior_log_variance_clipped = torch.log(
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        posterior_mean_coef1 = betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)
+        posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)
+
+        f32 = lambda x: x.float()  # noqa: E731
+        self.betas = f32(betas)
+        self.alphas_cumprod = f32(alphas_cumprod)
+        self.alphas_cumprod_prev = f32(alphas_cumprod_prev)
+        self.sqrt_alphas_cumprod = f32(sqrt_alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = f32(sqrt_one_minus_alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = f32(sqrt_recip_alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = f32(sqrt_recipm1_alphas_cumprod)
+        self.posterior_variance = f32(posterior_variance)
+        self.posterior_log_variance_clipped = f32(posterior_log_variance_clipped)
+        self.posterior_mean_coef1 = f32(posterior_mean_coef1)
+        self.posterior_mean_coef2 = f32(posterior_mean_coef2)
+
+    def __repr__(self):
+        return (f"Diffusion(timesteps={self.num_timesteps}, schedule={self.schedule!r}, "
+                f"prediction={self.prediction!r})")
+
+    # ----------------------------------------------------------------- forward process
+    def sample_timesteps(self, n, device=None, generator=None):
+        """n timesteps drawn uniformly from [0, T), as a long tensor of shape (n,)."""
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gen_device)
+        return t.to(device) if device is not None else t
+
+    def noise_image(self, x0, t, noise=None):
+        """Sample q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I), Ho eq. 4.
+
+        x0 is already in diffusion space [-1, 1]; t is a long tensor of shape (B,).
+        Returns (x_t, noise); pass `noise` to pin it (tests, validation at fixed noise).
+        """
+        if noise is None:
+            noise = torch.randn_like(x0, dtype=torch.float32)
+        x0 = x0.float()
+        x_t = (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+               + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+        return x_t, noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0), Ho eqs. 6-7."""
+        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x0
+                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        variance = extract(self.posterior_variance, t, x_t.shape)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    # ----------------------------------------------------- what the model is trained on
+    def training_target(self, x0, noise, t):
+        """The regression target for the configured prediction type."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0.float()
+        # v = sqrt(abar) eps - sqrt(1 - abar) x0  (Salimans & Ho 2022)
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0.float())
+
+    def predict_x0_eps(self, x_t, t, model_output, clip=True):
+        """Recover (x0, eps) from the model output, whatever it predicts.
+
+        With clip=True, x0 is clipped to [-1, 1] and eps is recomputed from the clipped x0
+        so the pair stays consistent with x_t (as improved-diffusion does for DDIM).
+        """
+        out = model_output.float()
+        sqrt_ac = extract(self.sqrt_alphas_cumprod, t, x_t.shape)
+        sqrt_1m_ac = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        if self.prediction == "eps":
+            eps = out
+            x0 = (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                  - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        elif self.prediction == "x0":
+            x0 = out
+            eps = (x_t - sqrt_ac * x0) / sqrt_1m_ac
+        else:  # v
+            x0 = sqrt_ac * x_t - sqrt_1m_ac * out
+            eps = sqrt_1m_ac * x_t + sqrt_ac * out
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x_t - sqrt_ac * x0) / sqrt_1m_ac
+        return x0, eps
+
+    # ------------------------------------------------------------------- samplers
+    def _model_output(self, model, x_t, image, t):
+        dtype = next(model.parameters()).dtype
+        x_in = torch.cat([x_t, image], dim=1).to(dtype)     # (B, 1 + C, H, W)
+        return model(x_in, t).float()                         # (B, 1, H, W)
+
+    def p_sample_step(self, model, x_t, image, t_int, generator=None):
+        """One ancestral step x_t -> x_{t-1} (Ho Algorithm 2, posterior variance).
+
+        Returns (x_{t-1}, predicted x0). At t=0 no noise is added and x_{t-1} is x0.
+        """
+        t = torch.full((x_t.shape[0],), t_int, device=x_t.device, dtype=torch.long)
+        x0, _ = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t))
+        mean, _, log_variance = self.q_posterior(x0, x_t, t)
+        if t_int == 0:
+            return mean, x0
+        noise = _randn(x_t.shape, generator, x_t.device)
+        return mean + (0.5 * log_variance).exp() * noise, x0
+
+    def ddim_step(self, model, x_t, image, t_int, t_prev_int, eta=0.0, generator=None):
+        """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev=-1 means x0.
+
+        sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev):
+        eta=0 is the deterministic DDIM, eta=1 the stochastic one matching DDPM's variance.
+        """
+        t = torch.full((x_t.shape[0],), t_int, device=x_t.device, dtype=torch.long)
+        x0, eps = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t))
+        if t_prev_int < 0:
+            return x0, x0
+        abar_t = self.alphas_cumprod[t_int].item()
+        abar_prev = self.alphas_cumprod[t_prev_int].item()
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev ** 0.5 * x0 + max(1 - abar_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * _randn(x_t.shape, generator, x_t.device)
+        return x_prev, x0
+
+    def sample_progressive(self, model, image, steps=None, eta=0.0, generator=None,
+                           progress=False):
+        """Yield (t, x_t, predicted x0) after every reverse step; for notebooks and videos.
+
+        steps=None or steps=T: the full ancestral DDPM sampler over T-1..0.
+        Fewer steps: DDIM on the grid of `ddim_timesteps(T, steps)` with the given eta.
+        """
+        steps = self.num_timesteps if steps is None else int(steps)
+        device = next(model.parameters()).device
+        image = image.to(device=device, dtype=torch.float32)
+        b, _, h, w = image.shape
+        x_t = _randn((b, 1, h, w), generator, device)         # (B, 1, H, W) pure noise at T-1
+        if steps == self.num_timesteps:
+            grid = list(range(self.num_timesteps - 1, -1, -1))
+        else:
+            grid = ddim_timesteps(self.num_timesteps, steps)
+        ancestral = steps == self.num_timesteps
+        for i in tqdm(range(len(grid)), disable=not progress, desc="sampling", leave=False):
+            t_int = grid[i]
+            if ancestral:
+                x_t, x0 = self.p_sample_step(model, x_t, image, t_int, generator)
+            else:
+                t_prev = grid[i + 1] if i + 1 < len(grid) else -1
+                x_t, x0 = self.ddim_step(model, x_t, image, t_int, t_prev, eta, generator)
+            yield t_int, x_t, x0
+
+    def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False):
+        """Generate masks for a batch of images: probabilities in [0, 1], shape (B, 1, H, W).
+
+        model: the noise model, called as model(cat([x_t, image], 1), t); its device and
+        dtype decide where sampling runs. image: (B, C, H, W). No process group is needed.
+        """
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                x0 = None
+                for _, _, x0 in self.sample_progressive(model, image, steps, eta, generator,
+                                                        progress):
+                    pass
+                return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
+        finally:
+            model.train(was_training)

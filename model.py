@@ -1,0 +1,223 @@
+"""UNet2D: the noise model. Input: the noisy mask concatenated with the image; output: one map.
+
+Read top-down: the parts (`TimestepEmbedding`, `ResBlock`, `AttentionBlock`, `Downsample`,
+`Upsample`) first, then `UNet2D`, which stacks them. The timestep enters every residual block
+as a per-channel scale and shift after its second GroupNorm (improved-DDPM's "scale-shift").
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _num_groups(channels):
+    """The largest of 32, 16, 8, 4, 2, 1 groups that divides `channels`."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al.), shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                 # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb                                              # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoid of t, then a two-layer MLP to the width every ResBlock reads."""
+
+    def __init__(self, base_channels, emb_channels):
+        super().__init__()
+        self.base_channels = base_channels
+        self.mlp = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(),
+                                 nn.Linear(emb_channels, emb_channels))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.base_channels))
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, then GN with timestep scale-shift, SiLU, dropout, conv; plus a skip."""
+
+    def __init__(self, in_ch, out_ch, emb_channels, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_num_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_channels, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(_num_groups(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)   # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all pixels of a (low-resolution) feature map."""
+
+    def __init__(self, channels, head_channels=32):
+        super().__init__()
+        self.num_heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(_num_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v)               # (B, heads, HW, C/heads)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet2D(nn.Module):
+    """A DDPM-style UNet: `forward(x_in, t)` with x_in (B, in_channels, H, W), t (B,) long.
+
+    channel_mults gives one level per entry (widths base_channels * mult); the resolution
+    halves between levels, so H and W must be divisible by 2 ** (len(channel_mults) - 1).
+    attention_resolutions lists downsampling factors (1 = full size, 2 = half, ...) at which
+    a self-attention block follows each residual block.
+    """
+
+    def __init__(self, in_channels=2, out_channels=1, base_channels=32,
+                 channel_mults=(1, 2, 4, 8), num_res_blocks=2, attention_resolutions=(8,),
+                 dropout=0.0, head_channels=32):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_levels = len(channel_mults)
+        emb_channels = 4 * base_channels
+
+        self.time_embed = TimestepEmbedding(base_channels, emb_channels)
+        self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        # encoder: remember every output width, the decoder concatenates them back in order
+        self.down = nn.ModuleList()
+        skip_widths = [base_channels]
+        ch = base_channels
+        for level, mult in enumerate(channel_mults):
+            factor = 2 ** level
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(ch, base_channels * mult, emb_channels, dropout)]
+                ch = base_channels * mult
+                if factor in attention_resolutions:
+                    blocks.append(AttentionBlock(ch, head_channels))
+                self.down.append(nn.ModuleList(blocks))
+                skip_widths.append(ch)
+            if level < self.num_levels - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_widths.append(ch)
+
+        self.middle = nn.ModuleList([ResBlock(ch, ch, emb_channels, dropout),
+                                     AttentionBlock(ch, head_channels),
+                                     ResBlock(ch, ch, emb_channels, dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            factor = 2 ** level
+            for i in range(num_res_blocks + 1):
+                blocks = [ResBlock(ch + skip_widths.pop(), base_channels * mult, emb_channels,
+                                   dropout)]
+                ch = base_channels * mult
+                if factor in attention_resolutions:
+                    blocks.append(AttentionBlock(ch, head_channels))
+                if level > 0 and i == num_res_blocks:
+                    blocks.append(Upsample(ch))
+                self.up.append(nn.ModuleList(blocks))
+
+        self.head = nn.Sequential(nn.GroupNorm(_num_groups(ch), ch), nn.SiLU(),
+                                  nn.Conv2d(ch, out_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def check_size(self, h, w):
+        """Raise a clear error unless H and W are divisible by 2 ** (levels - 1)."""
+        multiple = 2 ** (self.num_levels - 1)
+        if h % multiple or w % multiple or h == 0 or w == 0:
+            raise ValueError(
+                f"UNet2D with {self.num_levels} levels needs H and W divisible by {multiple} "
+                f"(e.g. {multiple * 2}, {multiple * 4}, {multiple * 8}); got {h}x{w}. "
+                f"Resize the images (--image-size) or use fewer channel_mults.")
+
+    @staticmethod
+    def _run(blocks, h, emb):
+        for block in blocks:
+            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
+        return h
+
+    def forward(self, x_in, t):
+        if x_in.shape[1] != self.in_channels:
+            raise ValueError(f"UNet2D expects {self.in_channels} input channels "
+                             f"(noisy mask + image), got {x_in.shape[1]}")
+        self.check_size(*x_in.shape[-2:])
+        emb = self.time_embed(t).to(x_in.dtype)                # (B, 4 * base)
+        h = self.stem(x_in)                                    # (B, base, H, W)
+        skips = [h]
+        for blocks in self.down:
+            h = self._run(blocks, h, emb)
+            skips.append(h)
+        h = self._run(self.middle, h, emb)                     # (B, C_max, H/2^L, W/2^L)
+        for blocks in self.up:
+            h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.head(h)                                    # (B, out_channels, H, W)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate_flops(model, image_size, batch_size=1):
+    """FLOPs of one forward pass (2 per multiply-add) at `image_size`, counted by
+    `torch.utils.flop_counter` on meta tensors (convolutions, linears, attention matmuls;
+    norms and activations, a few percent, are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    meta = _meta_copy(model)
+    x = torch.zeros(batch_size, model.in_channels, h, w, device="meta")
+    t = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(x, t)
+    return counter.get_total_flops()
+
+
+def _meta_copy(model):
+    import copy
+    with torch.device("meta"):
+        clone = copy.deepcopy(model).to("meta")
+    return clone
