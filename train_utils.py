@@ -1,9 +1,51 @@
-"""Training: noise schedules, the loss, EMA and the training loop."""
+"""Training: noise schedules, the loss, EMA, and the AMP + EMA + IoU-early-stop loop `train()`.
+
+`loss_fn` below is the one place to edit when adding loss terms. Everything the loop does
+is driven by one `TrainConfig`; `main.py` turns its fields into command-line flags.
+"""
+import copy
+import csv
+import dataclasses
 import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from utils import (CheckpointError, CHECKPOINT_VERSION, MODEL_KEYS, barrier,
+                   build_model_and_diffusion, check_model_config, is_main, print0,
+                   read_checkpoint, save_checkpoint, save_images, unwrap)
+from utils import rank as get_rank, world_size as get_world_size
 
 
+# ------------------------------------------------------------------- the loss
+def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image):
+    """The training loss. Returns (total, parts): a scalar to backpropagate and a dict of
+    named, detached scalars that the progress bar and metrics log show.
+
+    model_output: (B, 1, H, W) what the UNet predicts (eps, x0 or v, per diffusion.prediction)
+    target:       (B, 1, H, W) the same quantity, true value
+    x_t, t:       the noisy mask the model saw and its timesteps (B,)
+    mask:         (B, 1, H, W) true mask in {0, 1}; image: the conditioning image
+
+    To add a term on the predicted mask, recover it from the output:
+        x0, _ = diffusion.predict_x0_eps(x_t, t, model_output, clip=False)
+        mask_pred = (x0.clamp(-1, 1) + 1) / 2                    # (B, 1, H, W) in [0, 1]
+    """
+    mse = F.mse_loss(model_output.float(), target)
+    return mse, {"mse": mse.detach()}
+
+
+# ------------------------------------------------------------- noise schedules
 def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
     """Improved-DDPM eq. 17: abar(t) = cos^2(((t/T) + s) / (1 + s) * pi/2), normalised so
     abar(0) = 1, and beta_t = min(1 - abar(t+1)/abar(t), max_beta). Float64, shape (T,).
@@ -21,3 +63,592 @@ def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
     """Ho et al.'s linear schedule, rescaled so any T gives the same overall noise as T=1000."""
     scale = 1000 / timesteps
     return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------- the config
+def _opt(default, help, **kw):
+    """A config field with its --help text (and argparse choices, if any)."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Each field is a --kebab-case flag of main.py."""
+    # data
+    data: Optional[str] = _opt(None, "image/mask folder (<root>/<split>/images|masks); "
+                                     "absent: the built-in synthetic contours")
+    image_size: int = _opt(64, "images and masks are resized to this square size")
+    channels: int = _opt(1, "image channels the model sees: 1 grey, 3 RGB")
+    augment: bool = _opt(True, "flips, small affine and intensity jitter on training images")
+    val_fraction: float = _opt(0.1, "fraction of train held back when the data has no val split")
+    num_workers: int = _opt(-1, "data loader workers per process; -1 picks a default")
+    synthetic_train: int = _opt(1000, "training images of the synthetic set")
+    synthetic_val: int = _opt(100, "validation images of the synthetic set")
+    synthetic_test: int = _opt(100, "test images of the synthetic set")
+    # model
+    base_channels: int = _opt(32, "UNet width at full resolution")
+    channel_mults: tuple = _opt((1, 2, 4, 8), "width multiplier per UNet level")
+    num_res_blocks: int = _opt(2, "residual blocks per UNet level")
+    attention_resolutions: tuple = _opt((8,), "downsampling factors with self-attention")
+    dropout: float = _opt(0.0, "dropout in residual blocks")
+    # diffusion
+    timesteps: int = _opt(1000, "diffusion steps T")
+    schedule: str = _opt("cosine", "noise schedule", choices=("cosine", "linear"))
+    prediction: str = _opt("x0", "what the UNet predicts", choices=("eps", "x0", "v"))
+    # optimisation
+    epochs: int = _opt(100, "maximum epochs")
+    batch_size: int = _opt(16, "global batch size, split across processes")
+    lr: float = _opt(2e-4, "AdamW learning rate after warm-up")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(100, "steps of linear learning-rate warm-up")
+    grad_clip: float = _opt(1.0, "gradient-norm clip; 0 = off")
+    ema_decay: float = _opt(0.999, "EMA decay of the weights")
+    ema_warmup: int = _opt(10, "EMA decay is min(decay, (1+step)/(warmup+step)); 0 = off")
+    amp: str = _opt("auto", "mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, "
+                            "off on CPU", choices=("auto", "bf16", "fp16", "off"))
+    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(True, "NHWC memory layout on CUDA")
+    # evaluation and stopping
+    eval_every: int = _opt(1, "epochs between validations")
+    eval_steps: int = _opt(10, "DDIM steps for validation IoU")
+    patience: int = _opt(10, "validations without val IoU gain before stopping")
+    min_delta: float = _opt(1e-3, "smallest val IoU gain that counts")
+    max_minutes: float = _opt(0.0, "wall-clock budget from the start of training; 0 = none")
+    num_vis: int = _opt(4, "validation images in each sample picture")
+    # run
+    seed: int = _opt(0, "random seed")
+    out: str = _opt("", "run folder; empty = trained_models/<data name>-<image size>")
+    resume: str = _opt("", "'auto' (the run folder's last.pt, if any) or a checkpoint path")
+    nproc: int = _opt(1, "CPU processes when there is no GPU")
+    save_every: int = _opt(1, "epochs between last.pt saves")
+    log_every: int = _opt(10, "steps between loss logs")
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+        if not self.out:
+            name = Path(self.data).name if self.data else "synthetic"
+            self.out = str(Path("trained_models") / f"{name}-{self.image_size}")
+
+    def to_dict(self):
+        """Plain types only (lists, not tuples), so torch.load(weights_only=True) reads it."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Settings a resumed run may change from the command line without breaking its meaning.
+RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience", "eval_every")
+
+
+def resume_config(cfg, explicit):
+    """The config a resumed run uses: the stored one, with the run-length flags the user
+    gave (`explicit`) on top. A flag that changes the model or diffusion is an error.
+    Returns (config, path of the checkpoint); a fresh run returns (cfg, None)."""
+    path = find_resume_checkpoint(cfg)
+    if path is None:
+        return cfg, None
+    stored = TrainConfig.from_dict(read_checkpoint(path)["config"]).to_dict()
+    current = cfg.to_dict()
+    clash = [k for k in MODEL_KEYS if k in explicit and current[k] != stored[k]]
+    if clash:
+        raise CheckpointError(
+            f"cannot resume {path} with a different model or diffusion: "
+            + ", ".join(f"--{k.replace('_', '-')} {current[k]} (run has {stored[k]})"
+                        for k in clash) + ". Start a new run with another --out.")
+    # run-length flags override; so do where-and-how flags (out, resume, nproc, workers)
+    for k in (*RUN_LENGTH_KEYS, "out", "resume", "nproc", "num_workers", "log_every"):
+        if k in explicit or k in ("out", "resume"):
+            stored[k] = current[k]
+    ignored = [k for k in explicit if k not in stored or
+               (stored[k] != current[k] and k not in MODEL_KEYS)]
+    if ignored:
+        print0(f"resume: keeping the run's stored {', '.join(sorted(ignored))}; "
+               f"only {', '.join(RUN_LENGTH_KEYS)} can change on resume")
+    return TrainConfig.from_dict(stored), path
+
+
+def find_resume_checkpoint(cfg):
+    """The checkpoint `cfg.resume` names ("auto": <out>/last.pt if there is one)."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = Path(cfg.out) / "last.pt"
+        return path if path.is_file() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such checkpoint")
+    return path
+
+
+# ------------------------------------------------------------------------ EMA
+class EMA:
+    """Exponential moving average of a model's parameters and float buffers.
+
+    A deep copy of the model, started from its current weights, never trained directly.
+    Every rank holds the same weights after each optimiser step, so every rank's EMA is the
+    same too.
+    """
+
+    def __init__(self, model, decay=0.999, warmup=10):
+        self.model = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
+        self.decay = decay
+        self.warmup = warmup
+
+    def decay_at(self, step):
+        """The warm-up lets the average forget the random init quickly in early steps."""
+        if self.warmup <= 0:
+            return self.decay
+        return min(self.decay, (1 + step) / (self.warmup + step))
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = self.decay_at(step)
+        ema_state = self.model.state_dict()
+        floats_ema, floats = [], []
+        for name, value in unwrap(model).state_dict().items():
+            if value.dtype.is_floating_point:
+                floats_ema.append(ema_state[name])
+                floats.append(value)
+            else:
+                ema_state[name].copy_(value)
+        torch._foreach_lerp_(floats_ema, floats, 1.0 - d)  # ema += (1 - d) * (w - ema)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ AMP
+def amp_dtype(amp, device):
+    """The autocast dtype: bf16 where the GPU supports it, else fp16; none on CPU unless
+    asked for."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ----------------------------------------------------------------- stopping
+class StopSignal:
+    """Agree on "stop now" across ranks without a host sync per step.
+
+    Each rank posts its own verdict with an asynchronous all-reduce (MAX) on a CPU group
+    and reads the result one step later, so all ranks stop at the same step.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.distributed = get_world_size() > 1
+        self.flag = torch.zeros(1)
+        self.pending = None
+
+    def poll(self, local_stop):
+        """Called before every step. True once any rank has asked to stop."""
+        if not self.distributed:
+            return local_stop
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+            if self.flag.item() > 0:
+                return True
+        self.flag = torch.tensor([float(local_stop)])
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group,
+                                       async_op=True)
+        return False
+
+    def settle(self, local_stop):
+        """A blocking poll at an epoch boundary, so no verdict carries into the next epoch."""
+        if not self.distributed:
+            return local_stop
+        if self.pending is not None:
+            self.pending.wait()
+            local_stop = local_stop or self.flag.item() > 0
+            self.pending = None
+        flag = torch.tensor([float(local_stop)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag.item() > 0
+
+
+def all_reduce_sums(values, device):
+    """Sum a list of floats over ranks (gloo on CPU, NCCL on GPU)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# --------------------------------------------------------------- the RNGs
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state_to_plain(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _numpy_state_to_plain(s):
+    return [s[0], torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _numpy_state_from_plain(s):
+    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------- the log
+class MetricsLog:
+    """metrics.csv in the run folder, written by rank 0: one row per log interval and one
+    per validation, with a column for each part `loss_fn` reports. On resume, rows after
+    the checkpoint's step are dropped."""
+
+    def __init__(self, path, part_names, resume_step=None):
+        self.path = Path(path)
+        self.columns = ["epoch", "step", "loss", *part_names, "val_mse", "val_iou", "lr",
+                        "images_per_s", "elapsed_s"]
+        self.enabled = is_main()
+        if not self.enabled:
+            return
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, **row):
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow({k: _fmt(v) for k, v in row.items()})
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+# ----------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(ema_model, diffusion, loader, cfg, device, dtype):
+    """EMA model on the validation set: (val_mse, val_iou, first batch for pictures).
+
+    val_mse: the diffusion MSE (model output against its target) at timesteps and noise seeded by each image's index, so the
+    number is comparable across validations. val_iou: `eval_steps` DDIM steps (eta=0),
+    threshold 0.5, averaged over images (two empty masks count as IoU 1). Both are
+    all-reduced as [sum, count], so every rank holds the same numbers.
+    """
+    sums = [0.0, 0.0, 0.0]  # mse sum, iou sum, images
+    vis = None
+    for index, image, mask in loader:
+        image = image.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        x0 = mask * 2 - 1
+        gens = [torch.Generator().manual_seed(cfg.seed * 100_003 + int(i)) for i in index]
+        t = torch.cat([torch.randint(0, diffusion.num_timesteps, (1,), generator=g)
+                       for g in gens]).to(device)
+        noise = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens]).to(device)
+        x_t, _ = diffusion.noise_image(x0, t, noise)
+        with autocast(device, dtype):
+            out = ema_model(torch.cat([x_t, image], dim=1), t)
+        per_image = (out.float() - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
+        sums[0] += per_image.mean(1).sum().item()
+
+        with autocast(device, dtype):
+            probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, generator=gens[0])
+        pred = probs > 0.5
+        truth = mask > 0.5
+        inter = (pred & truth).flatten(1).sum(1).float()
+        union = (pred | truth).flatten(1).sum(1).float()
+        sums[1] += torch.where(union > 0, inter / union.clamp(min=1), 1.0).sum().item()
+        sums[2] += len(index)
+        if vis is None:
+            vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu(),
+                   probs[:cfg.num_vis].float().cpu())
+    mse_sum, iou_sum, count = all_reduce_sums(sums, device)
+    return mse_sum / max(count, 1), iou_sum / max(count, 1), vis
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Yields (index, image, mask), so validation can seed t and noise per image."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (i, *self.dataset[i])
+
+
+# ------------------------------------------------------------------- training
+class TrainResult(NamedTuple):
+    ema_model: torch.nn.Module
+    samples: Optional[torch.Tensor]     # (N, 1, H, W) EMA sample probabilities, last validation
+    contours: Optional[torch.Tensor]    # (N, 1, H, W) the true masks of those images
+    images: Optional[torch.Tensor]      # (N, C, H, W) the images themselves
+    best: dict                          # best val IoU / MSE and where training stopped
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def train(cfg, resume_from=None):
+    """Train a DDPM-v2 model as `cfg` says; the caller has set up the process group (if
+    any). `resume_from` is the checkpoint to continue (see `resume_config`); by default
+    `cfg.resume` is followed. Returns a TrainResult on every rank."""
+    from dataset import build_datasets, make_loader, set_epoch
+
+    rank, world = get_rank(), get_world_size()
+    device = pick_device()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must divide "
+                         f"by the {world} processes; try {cfg.batch_size - cfg.batch_size % world or world}")
+    batch_per_rank = cfg.batch_size // world
+    out = Path(cfg.out)
+    if resume_from is None:
+        resume_from = find_resume_checkpoint(cfg)
+    if resume_from is None and (out / "last.pt").is_file() and cfg.resume != "auto":
+        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume auto to "
+                              f"continue it or --out to start a new one")
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    # ---- data
+    datasets = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                              val_fraction=cfg.val_fraction, seed=cfg.seed,
+                              augment=cfg.augment,
+                              synthetic_sizes=(cfg.synthetic_train, cfg.synthetic_val,
+                                               cfg.synthetic_test))
+    workers = None if cfg.num_workers < 0 else cfg.num_workers
+    train_loader = make_loader(datasets["train"], batch_per_rank, train=True,
+                               distributed=world > 1, num_workers=workers, seed=cfg.seed,
+                               device=device)
+    val_shard = torch.utils.data.Subset(IndexedDataset(datasets["val"]),
+                                        range(rank, len(datasets["val"]), world))
+    val_loader = make_loader(val_shard, batch_per_rank, train=False, distributed=False,
+                             num_workers=workers, seed=cfg.seed, device=device)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(datasets['train'])} training images give no full batch of "
+                         f"{batch_per_rank} per process; lower --batch-size")
+
+    # ---- model, EMA, optimiser: same init on every rank
+    seed_everything(cfg.seed)
+    raw_model, diffusion = build_model_and_diffusion(cfg.to_dict())
+    raw_model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        raw_model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(cfg.amp, device)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
+    best = {"epoch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf, "bad_evals": 0,
+            "val_iou": None, "val_mse": None}
+
+    if resume_from is not None:
+        state = read_checkpoint(resume_from)
+        check_model_config(state["config"], cfg.to_dict(), resume_from)
+        raw_model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        best.update({k: state[k] for k in best if k in state})
+        rngs = state["rng"]
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:
+            print0(f"resume: the run had {len(rngs)} processes, now {world}; RNG streams "
+                   f"restart from the seed, so losses will not match step for step")
+            seed_everything(cfg.seed + 1000 * best["epoch"] + rank)
+        print0(f"resumed from {resume_from} at epoch {best['epoch']} (step {best['step']})")
+    else:
+        seed_everything(cfg.seed + rank)  # per-rank streams for t, noise and augmentation
+
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    part_names = loss_fn_parts()
+    log = MetricsLog(out / "metrics.csv", part_names,
+                     resume_step=best["step"] if resume_from is not None else None)
+    control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+    stop = StopSignal(control)
+    print0(f"training on {world} x {device.type}, {len(datasets['train'])} train / "
+           f"{len(datasets['val'])} val images, {batch_per_rank} per process per step, "
+           f"amp={dtype}, run folder {out}")
+
+    start = time.time()
+    time_over = lambda: cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes  # noqa: E731
+    step = best["step"]
+    vis = None
+    stopped = early_stop = False
+    for epoch in range(best["epoch"], cfg.epochs):
+        set_epoch(train_loader, epoch)
+        model.train()
+        bar = tqdm(train_loader, disable=not is_main(), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, dynamic_ncols=True)
+        running = torch.zeros(1 + len(part_names), device=device)
+        tick, images_seen = time.time(), 0
+        for image, mask in bar:
+            if stop.poll(time_over()):
+                stopped = True
+                break
+            image = image.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)
+            if cfg.channels_last and device.type == "cuda":
+                image = image.contiguous(memory_format=torch.channels_last)
+            x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
+            t = diffusion.sample_timesteps(x0.shape[0], device=device)
+            x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
+            with autocast(device, dtype):
+                output = model(torch.cat([x_t, image], dim=1), t)     # (B, 1, H, W)
+            loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
+                                  diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            ema.update(raw_model, step)
+            running += torch.stack([loss.detach(), *(parts[k] for k in part_names)])
+            images_seen += x0.shape[0] * world
+
+            if step % cfg.log_every == 0:
+                means = all_reduce_sums((running / cfg.log_every).tolist(), device)
+                means = [m / world for m in means]
+                speed = images_seen / (time.time() - tick)
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+                log.write(epoch=epoch + 1, step=step, loss=means[0], lr=lr, images_per_s=speed,
+                          elapsed_s=time.time() - start,
+                          **dict(zip(part_names, means[1:])))
+                running.zero_()
+                tick, images_seen = time.time(), 0
+        bar.close()
+        stopped = stop.settle(stopped or time_over())
+        best["epoch"], best["step"] = epoch + 1, step
+
+        if stopped or (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            val_mse, val_iou, vis = validate(ema.model, diffusion, val_loader, cfg, device, dtype)
+            best["val_mse"], best["val_iou"] = val_mse, val_iou
+            improved_iou = val_iou > best["best_iou"] + cfg.min_delta
+            improved_mse = val_mse < best["best_mse"]
+            if improved_iou:
+                best["best_iou"], best["bad_evals"] = val_iou, 0
+            else:
+                best["bad_evals"] += 1
+            best["best_mse"] = min(best["best_mse"], val_mse)
+            early_stop = best["bad_evals"] >= cfg.patience
+            print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
+                   f"(best {best['best_iou']:.4f}, {best['bad_evals']}/{cfg.patience} without gain)")
+            log.write(epoch=epoch + 1, step=step, val_mse=val_mse, val_iou=val_iou,
+                      lr=scheduler.get_last_lr()[0], elapsed_s=time.time() - start)
+            if is_main() and vis is not None:
+                save_images(out / f"samples_epoch{epoch + 1:04d}.png", *vis)
+            saves = (["best_iou.pt"] if improved_iou else []) + (["best_mse.pt"] if improved_mse else [])
+        else:
+            saves = []
+        last_epoch = stopped or early_stop or epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.save_every == 0 or last_epoch:
+            saves.append("last.pt")
+        if saves:
+            state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg)
+            if is_main():
+                for name in saves:
+                    save_checkpoint(state, out / name)
+            barrier()
+        if stopped or early_stop:
+            print0(f"stopping after epoch {epoch + 1}: "
+                   + ("time budget reached" if stopped else
+                      f"val IoU has not improved for {cfg.patience} validations"))
+            break
+
+    best["stopped_early"] = early_stop
+    best["stopped_by_time"] = stopped
+    images, contours, samples = vis if vis is not None else (None, None, None)
+    return TrainResult(ema.model, samples, contours, images, best)
+
+
+def loss_fn_parts():
+    """Names of the parts `loss_fn` reports, found by calling it once on a tiny batch."""
+    from DDPM import Diffusion
+    d = Diffusion(10)
+    x0 = torch.zeros(1, 1, 4, 4)
+    t = torch.zeros(1, dtype=torch.long)
+    _, parts = loss_fn(x0, x0, diffusion=d, x_t=x0, t=t, mask=x0, image=x0)
+    return list(parts)
+
+
+def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg):
+    """One dict, plain types and tensors only. Gathers every rank's RNG state (a collective:
+    all ranks call it)."""
+    rngs = [None] * get_world_size()
+    if get_world_size() > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    return {
+        "format_version": CHECKPOINT_VERSION,
+        "model": unwrap(raw_model).state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        **best,
+        "rng": rngs,
+        "config": cfg.to_dict(),
+    }

@@ -1,0 +1,108 @@
+"""Launch DDPM-v2 training: one process per GPU, or CPU processes when there is no GPU.
+
+    python main.py                                   # synthetic contours, every local GPU
+    python main.py --data DIR --image-size 128       # your image/mask folder
+    torchrun --standalone --nproc_per_node=2 main.py --data DIR
+    python main.py --nproc 2                         # two CPU processes (gloo) on a CPU box
+
+Every field of train_utils.TrainConfig is a --kebab-case flag; `--help` lists them.
+"""
+import argparse
+import dataclasses
+import os
+import socket
+import sys
+from typing import get_args, get_origin
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from train_utils import TrainConfig, resume_config, train
+from utils import CheckpointError, print0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train DDPM-v2, a diffusion model that generates segmentation masks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name) if f.name != "out" else ""
+        kw = dict(default=default, help=f.metadata["help"])
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is tuple:
+            parser.add_argument(flag, type=int, nargs="+", **{**kw, "default": list(default)})
+        else:
+            # Optional[str] -> str
+            kind = next(a for a in get_args(f.type) if a is not type(None)) \
+                if get_origin(f.type) is not None else f.type
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kw)
+    return parser
+
+
+def parse_args(argv=None):
+    """(config, names of the fields given on the command line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # a second parse with every default suppressed tells which flags were typed
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(parser.parse_args(argv)))
+    return TrainConfig(**vars(args)), explicit
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(local_rank, world_size, cfg, explicit, port):
+    """One training process. Serves mp.spawn (port given) and torchrun (env already set).
+    Returns train()'s TrainResult."""
+    if port is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          RANK=str(local_rank), LOCAL_RANK=str(local_rank),
+                          WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # before init_process_group, so NCCL picks it up
+        backend = "nccl"
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        backend = "gloo"
+    distributed = int(os.environ.get("WORLD_SIZE", world_size)) > 1
+    try:
+        if distributed:
+            dist.init_process_group(backend)
+        cfg, checkpoint = resume_config(cfg, explicit)
+        print0("config:", cfg.to_dict())
+        return train(cfg, resume_from=checkpoint)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        # a user mistake: one clear line, no traceback wall
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg, explicit = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:   # started by torchrun
+        worker(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]), cfg,
+               explicit, port=None)
+        return
+    world_size = torch.cuda.device_count() if torch.cuda.is_available() else cfg.nproc
+    if world_size <= 1:
+        worker(0, 1, cfg, explicit, port=None)
+    else:
+        mp.spawn(worker, args=(world_size, cfg, explicit, free_port()), nprocs=world_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The training loop and its launch: config, EMA, AMP, checkpoints, resume, early stopping,
+multi-process runs (gloo) through mp.spawn and torchrun."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import main
+from train_utils import EMA, TrainConfig, train
+from utils import CheckpointError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "16", "--synthetic-train", "32", "--synthetic-val", "8",
+        "--synthetic-test", "8", "--base-channels", "8", "--channel-mults", "1", "2",
+        "--num-res-blocks", "1", "--attention-resolutions", "2", "--timesteps", "50",
+        "--batch-size", "8", "--eval-steps", "2", "--log-every", "1", "--warmup-steps", "2",
+        "--num-workers", "0"]
+
+
+def tiny_cfg(out, **overrides):
+    cfg, _ = main.parse_args(TINY + ["--out", str(out)])
+    for k, v in {"epochs": 2, **overrides}.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def step_losses(run):
+    return {int(r["step"]): float(r["loss"]) for r in read_log(Path(run) / "metrics.csv")
+            if r["loss"]}
+
+
+def test_config_is_plain_and_round_trips(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    path = tmp_path / "c.pt"
+    torch.save({"config": cfg.to_dict()}, path)
+    loaded = torch.load(path, weights_only=True)["config"]
+    assert TrainConfig.from_dict(loaded) == cfg
+    with pytest.raises(ValueError, match="prediction"):
+        TrainConfig(prediction="score")
+
+
+def test_cli_flags_cover_config_and_track_explicit():
+    cfg, explicit = main.parse_args(["--epochs", "3", "--channel-mults", "1", "2", "--no-augment"])
+    assert cfg.epochs == 3 and cfg.channel_mults == (1, 2) and cfg.augment is False
+    assert explicit == {"epochs", "channel_mults", "augment"}
+    help_text = main.build_parser().format_help()
+    for name in ("--max-minutes", "--eval-steps", "--ema-decay", "--resume", "--nproc"):
+        assert name in help_text
+    assert "(default: 0.999)" in help_text
+
+
+def test_ema_math():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.9, warmup=0)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, step=1)
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 0.9 * 1 + 0.1 * 3))
+    assert not ema.model.weight.requires_grad
+    warm = EMA(model, decay=0.999, warmup=10)
+    assert warm.decay_at(0) == pytest.approx(0.1) and warm.decay_at(10 ** 6) == 0.999
+
+
+def test_train_checkpoints_and_notebook_load(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run")
+    result = train(cfg)
+    run = Path(cfg.out)
+    for name in ("last.pt", "best_iou.pt", "best_mse.pt", "metrics.csv"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("samples_epoch*.png"))
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2 * 32 // 8
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    model, diffusion, config = load_checkpoint(run / "last.pt")
+    ema_weights = result.ema_model.state_dict()
+    assert all(torch.equal(v, ema_weights[k]) for k, v in model.state_dict().items())
+    assert config == cfg and diffusion.num_timesteps == 50
+    probs = diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2)
+    assert probs.shape == (2, 1, 16, 16)
+    assert result.samples.shape[1:] == (1, 16, 16) and result.contours.shape == result.samples.shape
+    log = read_log(run / "metrics.csv")
+    val_rows = [r for r in log if r["val_iou"]]
+    assert len(val_rows) == 2 and 0 <= float(val_rows[-1]["val_iou"]) <= 1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = tiny_cfg(tmp_path / "full", epochs=3, augment=True)
+    train(full)
+    part = tiny_cfg(tmp_path / "part", epochs=1, augment=True)
+    train(part)
+    cfg, explicit = main.parse_args(TINY + ["--out", part.out, "--resume", "auto", "--epochs", "3"])
+    from train_utils import resume_config
+    cfg, checkpoint = resume_config(cfg, explicit)
+    assert checkpoint == Path(part.out) / "last.pt"
+    train(cfg, resume_from=checkpoint)
+    a, b = step_losses(full.out), step_losses(part.out)
+    assert sorted(a) == sorted(b) and len(a) >= 9
+    for s in a:
+        assert a[s] == pytest.approx(b[s], abs=1e-6), s
+    wa = torch.load(Path(full.out) / "last.pt", weights_only=True)
+    wb = torch.load(Path(part.out) / "last.pt", weights_only=True)
+    for k in wa["ema"]:
+        assert torch.allclose(wa["ema"][k], wb["ema"][k], atol=1e-6), k
+
+
+def test_early_stopping_fires_on_stagnant_metric(tmp_path):
+    # a gain of 2 IoU is impossible, so every validation counts as stagnant
+    cfg = tiny_cfg(tmp_path / "run", epochs=6, patience=2, min_delta=2.0)
+    result = train(cfg)
+    assert result.best["stopped_early"] and result.best["epoch"] == 2
+
+
+def test_amp_bf16_path_runs_on_cpu(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=1, amp="bf16")
+    result = train(cfg)
+    losses = step_losses(cfg.out)
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert all(torch.isfinite(p).all() for p in result.ema_model.parameters())
+
+
+def test_different_model_shape_gives_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=1)
+    train(cfg)
+    path = Path(cfg.out) / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["base_channels"] = 16    # config says one width, weights hold another
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "bad.pt")
+    args = TINY + ["--out", cfg.out, "--resume", "auto", "--base-channels", "16"]
+    with pytest.raises(CheckpointError, match="--base-channels 16"):
+        from train_utils import resume_config
+        resume_config(*main.parse_args(args))
+    # and through the command line: one line on stderr, exit code 2, no traceback
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _spawned_rank(local_rank, world_size, cfg, port, result_dir):
+    import main as launcher
+    result = launcher.worker(local_rank, world_size, cfg, set(), port)
+    Path(result_dir, f"rank{local_rank}.json").write_text(json.dumps(result.best))
+
+
+def test_two_process_gloo_ranks_agree(tmp_path):
+    """The same worker `python main.py --nproc 2` spawns: both ranks hold the same
+    all-reduced metrics and stop at the same epoch."""
+    cfg = tiny_cfg(tmp_path / "run", epochs=4, patience=1, min_delta=2.0)
+    mp.spawn(_spawned_rank, args=(2, cfg, main.free_port(), str(tmp_path)), nprocs=2)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1
+    assert r0["stopped_early"] and r0["epoch"] == 1
+
+
+def test_main_nproc2_cli(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "main.py", *TINY, "--nproc", "2", "--epochs", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["rng"]) == 2
+    assert state["config"]["nproc"] == 2
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "main.py", *TINY, "--epochs", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["rng"]) == 2
+    val_rows = [r for r in read_log(out / "metrics.csv") if r["val_iou"]]
+    assert len(val_rows) == 2
