@@ -1,0 +1,101 @@
+"""Measure the training targets: run main.py as a user would, then score the checkpoint.
+
+    python benchmarks/train_targets.py synthetic                 # `python main.py`, no flags
+    python benchmarks/train_targets.py lung --prediction eps x0 v --minutes 10
+
+`synthetic` times the no-argument run and reads its best EMA val IoU. `lung` trains on
+lung-ct-64 at 64 px for --minutes per prediction type (same seed), then scores
+best_iou.pt (EMA weights) on the test split: Dice and IoU of a single sample with 25 DDIM
+steps, threshold 0.5. Prints a table and writes JSON next to the runs.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset import ContourDataset  # noqa: E402
+from utils import load_checkpoint  # noqa: E402
+
+
+def run_main(args, out):
+    """Run main.py in a fresh process; returns wall seconds."""
+    start = time.time()
+    subprocess.run([sys.executable, "main.py", *args, "--out", str(out)], cwd=ROOT, check=True)
+    return time.time() - start
+
+
+@torch.no_grad()
+def test_scores(checkpoint, data, steps=25, batch_size=32, seed=0):
+    """Mean Dice and IoU over the test split, one DDIM sample per image, threshold 0.5."""
+    model, diffusion, config = load_checkpoint(checkpoint)
+    test = ContourDataset(data, split="test", image_size=config.image_size,
+                          channels=config.channels)
+    loader = torch.utils.data.DataLoader(test, batch_size=batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    dice, iou = [], []
+    for image, mask in loader:
+        pred = diffusion.sample(model, image, steps=steps, generator=generator) > 0.5
+        truth = mask > 0.5
+        inter = (pred & truth).flatten(1).sum(1).float()
+        size = pred.flatten(1).sum(1) + truth.flatten(1).sum(1)
+        union = (pred | truth).flatten(1).sum(1).float()
+        dice += torch.where(size > 0, 2 * inter / size.clamp(min=1), 1.0).tolist()
+        iou += torch.where(union > 0, inter / union.clamp(min=1), 1.0).tolist()
+    return sum(dice) / len(dice), sum(iou) / len(iou), len(dice)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", choices=("synthetic", "lung"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lung-ct-64"))
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--prediction", nargs="+", default=["eps", "x0", "v"])
+    parser.add_argument("--out", default=str(ROOT / "trained_models" / "targets"))
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="further main.py flags for every run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = []
+    if args.target == "synthetic":
+        run = out / "synthetic-default"
+        seconds = run_main(args.extra, run)
+        state = torch.load(run / "last.pt", weights_only=True)
+        results.append({"run": "python main.py", "minutes": seconds / 60,
+                        "epochs": state["epoch"], "best_val_iou": state["best_iou"],
+                        "final_val_iou": state["val_iou"]})
+        print(f"\n{'run':16s} {'minutes':>8s} {'epochs':>7s} {'best val IoU':>13s}")
+        r = results[0]
+        print(f"{r['run']:16s} {r['minutes']:8.2f} {r['epochs']:7d} {r['best_val_iou']:13.4f}")
+    else:
+        for prediction in args.prediction:
+            run = out / f"lung-{prediction}"
+            flags = ["--data", args.data, "--image-size", "64", "--max-minutes",
+                     str(args.minutes), "--prediction", prediction, *args.extra]
+            seconds = run_main(flags, run)
+            dice, iou, n = test_scores(run / "best_iou.pt", args.data)
+            state = torch.load(run / "best_iou.pt", weights_only=True)
+            results.append({"prediction": prediction, "minutes": seconds / 60,
+                            "best_epoch": state["epoch"], "best_val_iou": state["best_iou"],
+                            "test_dice": dice, "test_iou": iou, "test_images": n,
+                            "flags": flags})
+        print(f"\n{'prediction':10s} {'minutes':>8s} {'best epoch':>10s} {'val IoU':>8s} "
+              f"{'test Dice':>9s} {'test IoU':>9s}")
+        for r in results:
+            print(f"{r['prediction']:10s} {r['minutes']:8.2f} {r['best_epoch']:10d} "
+                  f"{r['best_val_iou']:8.4f} {r['test_dice']:9.4f} {r['test_iou']:9.4f}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.target}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
