@@ -26,10 +26,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train DDPM-v2, a diffusion model that generates segmentation masks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name) if f.name != "out" else ""
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(default=default, help=f.metadata["help"])
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -115,8 +115,8 @@ class UNet2D(nn.Module):
     a self-attention block follows each residual block.
     """
 
-    def __init__(self, in_channels=2, out_channels=1, base_channels=32,
-                 channel_mults=(1, 2, 4, 8), num_res_blocks=2, attention_resolutions=(8,),
+    def __init__(self, in_channels=2, out_channels=1, base_channels=16,
+                 channel_mults=(1, 2, 4, 8), num_res_blocks=1, attention_resolutions=(8,),
                  dropout=0.0, head_channels=32):
         super().__init__()
         self.in_channels = in_channels

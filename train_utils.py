@@ -88,9 +88,9 @@ class TrainConfig:
     synthetic_val: int = _opt(100, "validation images of the synthetic set")
     synthetic_test: int = _opt(100, "test images of the synthetic set")
     # model
-    base_channels: int = _opt(32, "UNet width at full resolution")
+    base_channels: int = _opt(16, "UNet width at full resolution")
     channel_mults: tuple = _opt((1, 2, 4, 8), "width multiplier per UNet level")
-    num_res_blocks: int = _opt(2, "residual blocks per UNet level")
+    num_res_blocks: int = _opt(1, "residual blocks per UNet level")
     attention_resolutions: tuple = _opt((8,), "downsampling factors with self-attention")
     dropout: float = _opt(0.0, "dropout in residual blocks")
     # diffusion
@@ -100,7 +100,7 @@ class TrainConfig:
     # optimisation
     epochs: int = _opt(100, "maximum epochs")
     batch_size: int = _opt(16, "global batch size, split across processes")
-    lr: float = _opt(2e-4, "AdamW learning rate after warm-up")
+    lr: float = _opt(1e-3, "AdamW learning rate after warm-up")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_steps: int = _opt(100, "steps of linear learning-rate warm-up")
     grad_clip: float = _opt(1.0, "gradient-norm clip; 0 = off")
@@ -115,7 +115,8 @@ class TrainConfig:
     eval_steps: int = _opt(10, "DDIM steps for validation IoU")
     patience: int = _opt(10, "validations without val IoU gain before stopping")
     min_delta: float = _opt(1e-3, "smallest val IoU gain that counts")
-    max_minutes: float = _opt(0.0, "wall-clock budget from the start of training; 0 = none")
+    max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
+                                    "-1 = 8 for the synthetic demo, none with --data")
     num_vis: int = _opt(4, "validation images in each sample picture")
     # run
     seed: int = _opt(0, "random seed")
@@ -132,6 +133,8 @@ class TrainConfig:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+        if self.max_minutes < 0:  # `python main.py` is a demo that must end on a laptop CPU
+            self.max_minutes = 8.0 if self.data is None else 0.0
         if not self.out:
             name = Path(self.data).name if self.data else "synthetic"
             self.out = str(Path("trained_models") / f"{name}-{self.image_size}")
@@ -481,7 +484,8 @@ def train(cfg, resume_from=None):
     seed_everything(cfg.seed)
     raw_model, diffusion = build_model_and_diffusion(cfg.to_dict())
     raw_model.to(device)
-    if cfg.channels_last and device.type == "cuda":
+    channels_last = cfg.channels_last and device.type == "cuda"  # slower on CPU convolutions
+    if channels_last:
         raw_model.to(memory_format=torch.channels_last)
     dtype = amp_dtype(cfg.amp, device)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr,
@@ -529,7 +533,7 @@ def train(cfg, resume_from=None):
 
     start = time.time()
     time_over = lambda: cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes  # noqa: E731
-    step = best["step"]
+    step = last_eval_step = last_save_step = best["step"]
     vis = None
     stopped = early_stop = False
     for epoch in range(best["epoch"], cfg.epochs):
@@ -545,13 +549,14 @@ def train(cfg, resume_from=None):
                 break
             image = image.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
-            if cfg.channels_last and device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last)
             x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
             t = diffusion.sample_timesteps(x0.shape[0], device=device)
             x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
+            x_in = torch.cat([x_t, image], dim=1)                     # (B, 1 + C, H, W)
+            if channels_last:
+                x_in = x_in.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
-                output = model(torch.cat([x_t, image], dim=1), t)     # (B, 1, H, W)
+                output = model(x_in, t)                               # (B, 1, H, W)
             loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
                                   diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image)
             optimizer.zero_grad(set_to_none=True)
@@ -580,39 +585,43 @@ def train(cfg, resume_from=None):
                 tick, images_seen = time.time(), 0
         bar.close()
         stopped = stop.settle(stopped or time_over())
-        best["epoch"], best["step"] = epoch + 1, step
+        if step > best["step"]:  # an epoch stopped before its first step does not count
+            best["epoch"], best["step"] = epoch + 1, step
+        finishing = stopped or epoch + 1 == cfg.epochs
 
-        if stopped or (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        saves = []
+        if last_eval_step != step and (finishing or (epoch + 1) % cfg.eval_every == 0):
+            last_eval_step = step
             val_mse, val_iou, vis = validate(ema.model, diffusion, val_loader, cfg, device, dtype)
             best["val_mse"], best["val_iou"] = val_mse, val_iou
-            improved_iou = val_iou > best["best_iou"] + cfg.min_delta
-            improved_mse = val_mse < best["best_mse"]
-            if improved_iou:
+            if val_iou > best["best_iou"] + cfg.min_delta:
                 best["best_iou"], best["bad_evals"] = val_iou, 0
+                saves.append("best_iou.pt")
             else:
                 best["bad_evals"] += 1
-            best["best_mse"] = min(best["best_mse"], val_mse)
+            if val_mse < best["best_mse"]:
+                best["best_mse"] = val_mse
+                saves.append("best_mse.pt")
             early_stop = best["bad_evals"] >= cfg.patience
-            print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
+            finishing = finishing or early_stop
+            print0(f"epoch {best['epoch']}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
                    f"(best {best['best_iou']:.4f}, {best['bad_evals']}/{cfg.patience} without gain)")
-            log.write(epoch=epoch + 1, step=step, val_mse=val_mse, val_iou=val_iou,
+            log.write(epoch=best["epoch"], step=step, val_mse=val_mse, val_iou=val_iou,
                       lr=scheduler.get_last_lr()[0], elapsed_s=time.time() - start)
-            if is_main() and vis is not None:
-                save_images(out / f"samples_epoch{epoch + 1:04d}.png", *vis)
-            saves = (["best_iou.pt"] if improved_iou else []) + (["best_mse.pt"] if improved_mse else [])
-        else:
-            saves = []
-        last_epoch = stopped or early_stop or epoch + 1 == cfg.epochs
-        if (epoch + 1) % cfg.save_every == 0 or last_epoch:
+            if is_main():
+                save_images(out / f"samples_epoch{best['epoch']:04d}.png", *vis)
+        if last_save_step != step and (finishing or (epoch + 1) % cfg.save_every == 0):
             saves.append("last.pt")
         if saves:
             state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg)
             if is_main():
                 for name in saves:
                     save_checkpoint(state, out / name)
+            if "last.pt" in saves:
+                last_save_step = step
             barrier()
         if stopped or early_stop:
-            print0(f"stopping after epoch {epoch + 1}: "
+            print0(f"stopping after epoch {best['epoch']}: "
                    + ("time budget reached" if stopped else
                       f"val IoU has not improved for {cfg.patience} validations"))
             break
