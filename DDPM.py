@@ -228,20 +228,30 @@ class Diffusion:
                 x_t, x0 = self.ddim_step(model, x_t, image, t_int, t_prev, eta, generator)
             yield t_int, x_t, x0
 
-    def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False):
-        """Generate masks for a batch of images: probabilities in [0, 1], shape (B, 1, H, W).
+    def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False,
+               num_samples=1, max_batch=None):
+        """Generate masks for a batch of images: probabilities in [0, 1], shape (B, K, H, W)
+        with K = num_samples masks per image (so (B, 1, H, W) for a single sample).
 
         model: the noise model, called as model(cat([x_t, image], 1), t); its device and
         dtype decide where sampling runs. image: (B, C, H, W). No process group is needed.
+        The K samples of every image are drawn in one batched pass of B*K, split into
+        chunks of at most `max_batch` when memory is short.
         """
+        b, _, h, w = image.shape
+        repeated = image.repeat_interleave(num_samples, dim=0)     # (B*K, C, H, W)
+        chunk = max_batch or repeated.shape[0]
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                x0 = None
-                for _, _, x0 in self.sample_progressive(model, image, steps, eta, generator,
-                                                        progress):
-                    pass
-                return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
+                probs = []
+                for part in repeated.split(chunk):
+                    x0 = None
+                    for _, _, x0 in self.sample_progressive(model, part, steps, eta, generator,
+                                                            progress):
+                        pass
+                    probs.append(((x0 + 1.0) / 2.0).clamp(0.0, 1.0))
+                return torch.cat(probs).reshape(b, num_samples, h, w)
         finally:
             model.train(was_training)

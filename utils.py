@@ -1,7 +1,9 @@
 """Small helpers: rank-aware printing, pictures, checkpoint I/O, model rebuilding."""
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchvision.utils import make_grid, save_image
@@ -154,3 +156,144 @@ def load_checkpoint(path, map_location=None, weights="ema"):
                               f"({str(e).splitlines()[0]})") from None
     model.to(map_location or "cpu").eval()
     return model, diffusion, config
+
+
+# ---------------------------------------------------------------------- metrics
+def _surface(mask):
+    """Boundary pixels of a boolean mask: the mask minus its 4-connected erosion."""
+    from scipy import ndimage
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+
+
+def _surface_distances(a, b, spacing):
+    """Distance from each boundary pixel of `a` to the nearest boundary pixel of `b`."""
+    from scipy import ndimage
+    distance_to_b = ndimage.distance_transform_edt(~_surface(b), sampling=spacing)
+    return distance_to_b[_surface(a)]
+
+
+def mask_metrics(pred, truth, spacing=1.0, tolerance=2.0):
+    """Overlap and boundary metrics of one (H, W) boolean prediction against the truth.
+
+    dice, iou, precision, recall: overlap (an empty prediction has precision 0 unless the
+        truth is empty too).
+    hd95: 95th percentile of the boundary distances in both directions pooled, in pixels
+        times `spacing` (a float, or (row, col) spacing), as in MedPy.
+    assd: average symmetric surface distance: the mean of the two directed mean distances.
+    boundary_f1: F1 of boundary pixels that lie within `tolerance` (same units) of the other
+        mask's boundary (Csurka et al. 2013).
+    Empty cases: both empty -> every score 1 and distances 0. Exactly one empty -> dice,
+    iou and boundary_f1 0, and hd95/assd NaN (no boundary to measure to): callers count
+    these separately rather than averaging a made-up distance.
+    """
+    pred = np.asarray(pred, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape or pred.ndim != 2:
+        raise ValueError(f"mask_metrics wants two (H, W) masks, got {pred.shape} and {truth.shape}")
+    tp = float((pred & truth).sum())
+    n_pred, n_truth = float(pred.sum()), float(truth.sum())
+    if n_pred == 0 and n_truth == 0:
+        return dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0, hd95=0.0, assd=0.0,
+                    boundary_f1=1.0)
+    scores = dict(dice=2 * tp / (n_pred + n_truth), iou=tp / (n_pred + n_truth - tp),
+                  precision=tp / n_pred if n_pred else 0.0,
+                  recall=tp / n_truth if n_truth else 0.0)
+    if n_pred == 0 or n_truth == 0:
+        return dict(scores, hd95=math.nan, assd=math.nan, boundary_f1=0.0)
+    d_pt = _surface_distances(pred, truth, spacing)      # pred boundary -> truth boundary
+    d_tp = _surface_distances(truth, pred, spacing)
+    both = np.concatenate([d_pt, d_tp])
+    b_precision = float((d_pt <= tolerance).mean())
+    b_recall = float((d_tp <= tolerance).mean())
+    b_f1 = 2 * b_precision * b_recall / (b_precision + b_recall) if b_precision + b_recall else 0.0
+    return dict(scores, hd95=float(np.percentile(both, 95)),
+                assd=float((d_pt.mean() + d_tp.mean()) / 2), boundary_f1=b_f1)
+
+
+def overlap_scores(pred, truth):
+    """Batched Dice and IoU of boolean (B, ..., H, W) masks, shape (B,) each; empty pairs
+    score 1. Cheap enough for the training loop and sweeps over thresholds."""
+    pred, truth = pred.flatten(1), truth.flatten(1)
+    inter = (pred & truth).sum(1).float()
+    total = (pred.sum(1) + truth.sum(1)).float()
+    union = total - inter
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return dice, iou
+
+
+# -------------------------------------------------------------------- ensembles
+FUSIONS = ("mean", "vote", "staple")
+
+
+def fuse_samples(probs, method="mean", threshold=0.5):
+    """Fuse K sampled masks per image, (B, K, H, W) probabilities -> (B, 1, H, W) in [0, 1].
+
+    mean:   the mean probability.
+    vote:   the fraction of samples above `threshold` (above 0.5 = a strict majority).
+    staple: STAPLE's posterior foreground probability (Warfield et al. 2004), treating each
+            thresholded sample as a rater of unknown sensitivity and specificity.
+    """
+    if method == "mean":
+        return probs.mean(1, keepdim=True)
+    if method == "vote":
+        return (probs > threshold).float().mean(1, keepdim=True)
+    if method == "staple":
+        b, k, h, w = probs.shape
+        decisions = (probs > threshold).reshape(b, k, h * w)
+        return torch.stack([staple(d) for d in decisions]).reshape(b, 1, h, w).to(probs.dtype)
+    raise ValueError(f"fusion must be one of {FUSIONS}, got {method!r}")
+
+
+def staple(decisions, max_iter=100, tol=1e-7):
+    """Binary STAPLE (Warfield, Zou & Wells 2004) by expectation-maximisation.
+
+    decisions: (K, N) binary votes of K raters on N pixels. Each rater j has a sensitivity
+    p_j and a specificity q_j; the prior of foreground is the mean vote. E-step: the
+    posterior W_i that pixel i is foreground (eq. 14-16, in log space); M-step: p_j, q_j from
+    W (eqs. 18-19). Returns W, shape (N,), float64.
+    """
+    votes = decisions.double()                                      # (K, N)
+    eps = 1e-6
+    prior = votes.mean().clamp(eps, 1 - eps)
+    sensitivity = torch.full((votes.shape[0], 1), 0.99, dtype=torch.float64)
+    specificity = torch.full((votes.shape[0], 1), 0.99, dtype=torch.float64)
+    weights = votes.mean(0)
+    for _ in range(max_iter):
+        log_fg = torch.log(prior) + (votes * sensitivity.log()
+                                     + (1 - votes) * (1 - sensitivity).log()).sum(0)
+        log_bg = torch.log(1 - prior) + ((1 - votes) * specificity.log()
+                                         + votes * (1 - specificity).log()).sum(0)
+        new_weights = torch.sigmoid(log_fg - log_bg)                # (N,)
+        sensitivity = ((new_weights * votes).sum(1, keepdim=True)
+                       / new_weights.sum().clamp(min=eps)).clamp(eps, 1 - eps)
+        specificity = (((1 - new_weights) * (1 - votes)).sum(1, keepdim=True)
+                       / (1 - new_weights).sum().clamp(min=eps)).clamp(eps, 1 - eps)
+        converged = (new_weights - weights).abs().max() < tol
+        weights = new_weights
+        if converged:
+            break
+    return weights
+
+
+def uncertainty_maps(probs):
+    """Per-pixel uncertainty of K samples, (B, K, H, W) -> dict of (B, 1, H, W) maps:
+    variance of the sampled probabilities, and the binary entropy (bits, in [0, 1]) of
+    their mean."""
+    mean = probs.mean(1, keepdim=True).clamp(1e-6, 1 - 1e-6)
+    entropy = -(mean * mean.log2() + (1 - mean) * (1 - mean).log2())
+    return {"variance": probs.var(1, unbiased=False, keepdim=True), "entropy": entropy}
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve of `scores` as a predictor of boolean `labels` (the
+    Mann-Whitney U statistic, ties counted half); NaN when either class is absent."""
+    from scipy.stats import rankdata
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -12,15 +12,12 @@ import torch
 import torch.multiprocessing as mp
 
 import main
+from conftest import TINY_FLAGS
 from train_utils import EMA, TrainConfig, train
 from utils import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "16", "--synthetic-train", "32", "--synthetic-val", "8",
-        "--synthetic-test", "8", "--base-channels", "8", "--channel-mults", "1", "2",
-        "--num-res-blocks", "1", "--attention-resolutions", "2", "--timesteps", "50",
-        "--batch-size", "8", "--eval-steps", "2", "--log-every", "1", "--warmup-steps", "2",
-        "--num-workers", "0"]
+TINY = TINY_FLAGS
 
 
 def tiny_cfg(out, **overrides):
@@ -193,22 +190,12 @@ def test_torchrun_two_processes(tmp_path):
     assert len(val_rows) == 2
 
 
-def test_readme_notebook_snippet_runs(tmp_path, monkeypatch):
+def test_readme_notebook_snippet_runs(tiny_run, tiny_folder, tmp_path, monkeypatch):
     """The README's notebook example, run as written on a tiny checkpoint and folder."""
-    from PIL import Image
-    from dataset import SyntheticContours
-
-    cfg = tiny_cfg(tmp_path / "run", epochs=1)
-    train(cfg)
-    data = tmp_path / "DIR"
-    for sub in ("images", "masks"):
-        (data / "test" / sub).mkdir(parents=True)
-    for i, (image, mask) in enumerate(SyntheticContours(4, 16, seed=9)):
-        Image.fromarray((image[0].numpy() * 255).astype("uint8")).save(data / "test" / "images" / f"{i}.png")
-        Image.fromarray((mask[0].numpy() * 255).astype("uint8")).save(data / "test" / "masks" / f"{i}.png")
     text = (ROOT / "README.md").read_text()
     snippet = text.split("```python\n")[1].split("```")[0]
-    snippet = snippet.replace("trained_models/synthetic-64/best_iou.pt", str(Path(cfg.out) / "best_iou.pt"))
+    snippet = snippet.replace("trained_models/synthetic-64/best_iou.pt", str(tiny_run / "best_iou.pt"))
+    snippet = snippet.replace('"DIR"', repr(str(tiny_folder)))
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert (tmp_path / "masks.png").is_file()

@@ -1,0 +1,309 @@
+"""Score a trained checkpoint on a labelled split, or predict masks for a folder of images.
+
+    python evaluate.py --checkpoint trained_models/lung-ct-64-64/best_iou.pt \
+        --data ../shared/data/lung-ct-64 --split test --steps 25 --ensemble 5 --fusion mean \
+        --out trained_models/lung-ct-64-64/eval
+    python evaluate.py --checkpoint CKPT --images DIR --out DIR     # masks for unlabelled images
+
+With masks it writes to --out:
+  metrics.json   mean and std over images of dice, iou, precision, recall, hd95, assd,
+                 boundary_f1; MedSegDiff-protocol Dice/IoU (averaged over thresholds
+                 0.1..0.9); how many images had empty masks; ensemble uncertainty against
+                 pixel errors; the settings, the checkpoint's step and config; seconds/image
+  per_image.csv  one row per image
+  sheet_NNN.png  rows of: image with truth (green) and prediction (red) outlines | truth |
+                 fused prediction | uncertainty (entropy of the ensemble mean)
+With --images it writes masks/<name>.png (0/255, at each image's own size) and
+uncertainty/<name>.png.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_segmentation_masks, make_grid, save_image
+from tqdm.auto import tqdm
+
+from dataset import (IMAGE_EXTENSIONS, ContourDataset, DatasetError, fit_square,
+                     image_to_tensor, read_array)
+from utils import (FUSIONS, CheckpointError, auroc, fuse_samples, load_checkpoint,
+                   mask_metrics, overlap_scores, read_checkpoint, uncertainty_maps)
+
+METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "boundary_f1")
+PROTOCOL_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+# ------------------------------------------------------------------ prediction
+def prepare_model(model, device, compile=False):
+    """Move to `device`; on CUDA use channels_last and optionally torch.compile (both make
+    CPU convolutions slower, so they stay off there)."""
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if compile:
+            model = torch.compile(model)
+    return model
+
+
+def predict(model, diffusion, images, steps, ensemble=1, fusion="mean", eta=0.0,
+            generator=None, amp=None, max_batch=None):
+    """Sample `ensemble` masks per image and fuse them.
+
+    Returns fused (B, 1, H, W) probabilities, the samples (B, K, H, W) and the uncertainty
+    maps (dict of (B, 1, H, W))."""
+    device = next(model.parameters()).device
+    context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    with context:
+        samples = diffusion.sample(model, images.to(device), steps=steps, eta=eta,
+                                   generator=generator, num_samples=ensemble,
+                                   max_batch=max_batch).float()
+    fused = fuse_samples(samples, fusion) if ensemble > 1 else samples
+    return fused, samples, uncertainty_maps(samples)
+
+
+# ------------------------------------------------------------------ pictures
+def outline(mask):
+    """Boundary of a (N, H, W) boolean mask (the mask minus its 3x3 erosion)."""
+    m = mask.float()[:, None]
+    eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
+    return (m - eroded)[:, 0] > 0
+
+
+def picture_rows(images, truth, fused, uncertainty, min_size=128):
+    """Panels per image: overlay | truth | fused | uncertainty, as (4B, 3, S, S) in [0, 1]."""
+    scale = max(1, math.ceil(min_size / images.shape[-1]))
+    up = lambda x: F.interpolate(x.float(), scale_factor=scale, mode="nearest")  # noqa: E731
+    images, truth, fused, uncertainty = map(up, (images, truth, fused, uncertainty))
+    grey = images.mean(1, keepdim=True) if images.shape[1] != 3 else images
+    rgb = (grey.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)
+    pred = fused > 0.5
+    overlays = []
+    for i in range(rgb.shape[0]):
+        lines = torch.cat([outline(truth[i] > 0.5), outline(pred[i])])      # (2, S, S)
+        overlays.append(draw_segmentation_masks(rgb[i], lines, alpha=1.0,
+                                                colors=["lime", "red"]).float() / 255)
+    to_rgb = lambda x: x.expand(-1, 3, -1, -1)  # noqa: E731
+    panels = torch.stack([torch.stack(overlays), to_rgb(truth), to_rgb(fused),
+                          to_rgb(uncertainty.clamp(0, 1))], dim=1)           # (B, 4, 3, S, S)
+    return panels.flatten(0, 1)
+
+
+# ------------------------------------------------------------------ evaluation
+def summarise(rows, names):
+    """Mean and std over images of each metric; NaN distances are counted, not averaged."""
+    out = {}
+    for name in names:
+        values = np.array([r[name] for r in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        out[name] = {"mean": float(finite.mean()) if finite.size else math.nan,
+                     "std": float(finite.std()) if finite.size else math.nan,
+                     "n": int(finite.size)}
+    return out
+
+
+def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean", eta=0.0,
+             batch_size=16, seed=0, amp=None, spacing=1.0, tolerance=2.0, names=None,
+             max_batch=None, sheet_rows=8):
+    """Score every image of `dataset`; write metrics.json, per_image.csv and picture sheets
+    to `out`; return the metrics dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    rows, protocol = [], {th: [[], []] for th in PROTOCOL_THRESHOLDS}
+    error_scores, correct_scores, errors_all, unc_all = [], [], [], []
+    sampling_seconds, sheet, sheet_index = 0.0, [], 0
+    for image, mask in tqdm(loader, desc="evaluating"):
+        start = time.perf_counter()
+        fused, samples, unc = predict(model, diffusion, image, steps, ensemble, fusion, eta,
+                                      generator, amp, max_batch)
+        fused, entropy = fused.cpu(), unc["entropy"].cpu()
+        sampling_seconds += time.perf_counter() - start
+        truth = mask > 0.5
+        pred = fused > 0.5
+        for i in range(image.shape[0]):
+            row = {"name": names[len(rows)] if names else str(len(rows))}
+            row.update(mask_metrics(pred[i, 0].numpy(), truth[i, 0].numpy(), spacing, tolerance))
+            row.update(pred_pixels=int(pred[i].sum()), truth_pixels=int(truth[i].sum()),
+                       uncertainty=float(entropy[i].mean()))
+            rows.append(row)
+        for th in PROTOCOL_THRESHOLDS:
+            dice, iou = overlap_scores(fused > th, truth)
+            protocol[th][0] += dice.tolist()
+            protocol[th][1] += iou.tolist()
+        wrong = (pred != truth)
+        errors_all.append(wrong.flatten().numpy())
+        unc_all.append(entropy.flatten().numpy())
+        sheet.append(picture_rows(image, mask, fused, entropy))
+        if sum(len(s) for s in sheet) >= 4 * sheet_rows:
+            sheet_index = _write_sheet(out, torch.cat(sheet), sheet_rows, sheet_index)
+            sheet = []
+    if sheet:
+        _write_sheet(out, torch.cat(sheet), sheet_rows, sheet_index)
+
+    with open(out / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["name", *METRICS, "pred_pixels", "truth_pixels",
+                                    "uncertainty"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    errors = np.concatenate(errors_all)
+    uncertainty = np.concatenate(unc_all)
+    metrics = {
+        "images": len(rows),
+        "metrics": summarise(rows, METRICS),
+        "empty_masks": {
+            "prediction_empty_truth_not": sum(r["pred_pixels"] == 0 < r["truth_pixels"] for r in rows),
+            "truth_empty_prediction_not": sum(r["truth_pixels"] == 0 < r["pred_pixels"] for r in rows),
+            "both_empty": sum(r["pred_pixels"] == 0 == r["truth_pixels"] for r in rows),
+            "note": "hd95/assd are NaN when exactly one of prediction and truth is empty: those "
+                    "images are left out of the distance means (their 'n' is smaller) and "
+                    "counted here. Both empty scores dice 1, iou 1, distances 0.",
+        },
+        "medsegdiff_protocol": {
+            "dice": float(np.mean([np.mean(v[0]) for v in protocol.values()])),
+            "iou": float(np.mean([np.mean(v[1]) for v in protocol.values()])),
+            "thresholds": list(PROTOCOL_THRESHOLDS),
+            "note": "mean over images, then over thresholds, of the fused probability map "
+                    "binarised at each threshold (MedSegDiff's reporting)",
+        },
+        "uncertainty": {
+            "measure": "binary entropy (bits) of the ensemble's mean probability",
+            "mean_on_wrong_pixels": float(uncertainty[errors].mean()) if errors.any() else math.nan,
+            "mean_on_right_pixels": float(uncertainty[~errors].mean()),
+            "auroc_for_pixel_error": auroc(uncertainty, errors),
+            "wrong_pixel_fraction": float(errors.mean()),
+        },
+        "seconds_per_image": sampling_seconds / max(len(rows), 1),
+        "settings": {"steps": steps, "ensemble": ensemble, "fusion": fusion, "eta": eta,
+                     "seed": seed, "threshold": 0.5, "spacing": spacing,
+                     "boundary_tolerance": tolerance, "batch_size": batch_size},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _write_sheet(out, panels, rows_per_sheet, index):
+    for start in range(0, panels.shape[0], 4 * rows_per_sheet):
+        save_image(make_grid(panels[start:start + 4 * rows_per_sheet], nrow=4, padding=2,
+                             pad_value=0.5), out / f"sheet_{index:03d}.png")
+        index += 1
+    return index
+
+
+# ------------------------------------------------------------------ inference
+def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
+                   fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None):
+    """Masks for every image in `folder` (no masks needed), written at each image's own size:
+    the image is padded to a square and resized as in training, and the prediction is
+    resized back and the padding cut off."""
+    folder, out = Path(folder), Path(out)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "uncertainty").mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for start in tqdm(range(0, len(paths), batch_size), desc="predicting"):
+        batch, sizes = [], []
+        for path in paths[start:start + batch_size]:
+            image = image_to_tensor(*read_array(path), config.channels)        # (C, H, W)
+            sizes.append(image.shape[-2:])
+            empty = torch.zeros(1, *image.shape[-2:], dtype=torch.uint8)
+            batch.append(fit_square(image, empty, config.image_size, "pad")[0])
+        fused, _, unc = predict(model, diffusion, torch.stack(batch), steps, ensemble, fusion,
+                                generator=generator, amp=amp, max_batch=max_batch)
+        for path, (h, w), prob, entropy in zip(paths[start:], sizes, fused.cpu(),
+                                                unc["entropy"].cpu()):
+            _save_png(_unfit(prob > 0.5, h, w, v2.InterpolationMode.NEAREST_EXACT),
+                      out / "masks" / f"{path.stem}.png")
+            _save_png(_unfit(entropy, h, w, v2.InterpolationMode.BILINEAR),
+                      out / "uncertainty" / f"{path.stem}.png")
+    return len(paths)
+
+
+def _unfit(square, h, w, interpolation):
+    """Undo fit_square(fit="pad"): resize the (1, S, S) map to the padded side, then crop."""
+    side = max(h, w)
+    full = TF.resize(square.float(), [side, side], interpolation=interpolation)
+    top, left = (side - h) // 2, (side - w) // 2
+    return full[0, top:top + h, left:left + w]
+
+
+def _save_png(array, path):
+    Image.fromarray((array.clamp(0, 1) * 255).round().to(torch.uint8).numpy()).save(path)
+
+
+# ------------------------------------------------------------------ command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by main.py")
+    parser.add_argument("--data", help="image/mask folder to score")
+    parser.add_argument("--split", default="test", help="split of --data to score")
+    parser.add_argument("--images", help="folder of images without masks: write predictions")
+    parser.add_argument("--out", required=True, help="folder for the results")
+    parser.add_argument("--steps", type=int, default=25,
+                        help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral DDPM")
+    parser.add_argument("--ensemble", type=int, default=1, help="samples per image (K)")
+    parser.add_argument("--fusion", default="mean", choices=FUSIONS)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
+    parser.add_argument("--weights", default="ema", choices=("ema", "raw"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="largest batch of B*K samples per pass (memory)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                        help="autocast while sampling")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (CUDA)")
+    parser.add_argument("--spacing", type=float, default=1.0, help="pixel size for distances")
+    parser.add_argument("--tolerance", type=float, default=2.0,
+                        help="boundary F1 tolerance, in the units of --spacing")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.data is None) == (args.images is None):
+        parser.error("give exactly one of --data (with masks) and --images (without)")
+    try:
+        model, diffusion, config = load_checkpoint(args.checkpoint, weights=args.weights)
+        device = torch.device(args.device)
+        model = prepare_model(model, device, args.compile)
+        amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        common = dict(steps=args.steps, ensemble=args.ensemble, fusion=args.fusion,
+                      batch_size=args.batch_size, seed=args.seed, amp=amp,
+                      max_batch=args.max_batch)
+        if args.images:
+            n = predict_folder(model, diffusion, config, args.images, args.out, **common)
+            print(f"wrote {n} masks to {Path(args.out) / 'masks'}")
+            return None
+        dataset = ContourDataset(args.data, split=args.split, image_size=config.image_size,
+                                 channels=config.channels)
+        metrics = evaluate(model, diffusion, dataset, args.out, eta=args.eta,
+                           spacing=args.spacing, tolerance=args.tolerance,
+                           names=dataset.names, **common)
+        state = read_checkpoint(args.checkpoint)
+    except (CheckpointError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    metrics["checkpoint"] = {"path": str(args.checkpoint), "weights": args.weights,
+                             "step": state["step"], "epoch": state["epoch"],
+                             "config": state["config"]}
+    (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    m = metrics["metrics"]
+    print(f"{metrics['images']} images: dice {m['dice']['mean']:.4f}  iou {m['iou']['mean']:.4f}  "
+          f"hd95 {m['hd95']['mean']:.2f}  assd {m['assd']['mean']:.2f}  "
+          f"{metrics['seconds_per_image']:.3f} s/image  -> {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
