@@ -12,13 +12,15 @@ import dataclasses
 import os
 import socket
 import sys
+import traceback
 from typing import get_args, get_origin
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from train_utils import TrainConfig, resume_config, train
+from train_utils import (NonFiniteLossError, RunFolderError, TrainConfig, resume_config,
+                         train)
 from utils import CheckpointError, print0
 
 
@@ -81,10 +83,17 @@ def worker(local_rank, world_size, cfg, explicit, port):
         cfg, checkpoint = resume_config(cfg, explicit)
         print0("config:", cfg.to_dict())
         return train(cfg, resume_from=checkpoint)
-    except (CheckpointError, FileExistsError, ValueError) as e:
+    except (CheckpointError, FileExistsError, ValueError, RunFolderError,
+            NonFiniteLossError) as e:
         # a user mistake: one clear line, no traceback wall
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+    except Exception:
+        # show the failing rank's own traceback: the launcher may report another rank's
+        # follow-on error (a closed connection) first
+        rank = os.environ.get("RANK", local_rank)
+        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -100,7 +109,11 @@ def main(argv=None):
     if world_size <= 1:
         worker(0, 1, cfg, explicit, port=None)
     else:
-        mp.spawn(worker, args=(world_size, cfg, explicit, free_port()), nprocs=world_size)
+        try:
+            mp.spawn(worker, args=(world_size, cfg, explicit, free_port()), nprocs=world_size)
+        except mp.ProcessExitedException as e:
+            # the failed worker printed its own error; spawn has stopped the others
+            raise SystemExit(e.exit_code if e.exit_code and e.exit_code > 0 else 1) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import (CheckpointError, CHECKPOINT_VERSION, MODEL_KEYS, barrier,
-                   build_model_and_diffusion, check_model_config, is_main, print0,
-                   read_checkpoint, save_checkpoint, save_images, unwrap)
+                   build_model_and_diffusion, check_finite, check_model_config, is_main,
+                   previous_checkpoint, print0, read_checkpoint, save_checkpoint, save_images,
+                   unwrap)
 from utils import rank as get_rank, world_size as get_world_size
 
 
@@ -124,6 +126,8 @@ class TrainConfig:
     resume: str = _opt("", "'auto' (the run folder's last.pt, if any) or a checkpoint path")
     nproc: int = _opt(1, "CPU processes when there is no GPU")
     save_every: int = _opt(1, "epochs between last.pt saves")
+    max_nonfinite_steps: int = _opt(10, "consecutive skipped non-finite steps before "
+                                        "training gives up")
     log_every: int = _opt(10, "steps between loss logs")
 
     def __post_init__(self):
@@ -185,16 +189,62 @@ def resume_config(cfg, explicit):
 
 
 def find_resume_checkpoint(cfg):
-    """The checkpoint `cfg.resume` names ("auto": <out>/last.pt if there is one)."""
+    """The checkpoint `cfg.resume` names. "auto": the run folder's last.pt, or, when that is
+    missing, truncated or corrupt, the last_prev.pt kept beside it (the bad file is renamed
+    *.corrupt so the next save cannot displace the good one). None for a fresh start."""
     if not cfg.resume:
         return None
-    if cfg.resume == "auto":
-        path = Path(cfg.out) / "last.pt"
-        return path if path.is_file() else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such checkpoint")
-    return path
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        read_checkpoint(path)  # a clear error now for a missing, corrupt or unsafe file
+        return path
+    last = Path(cfg.out) / "last.pt"
+    candidates = [p for p in (last, previous_checkpoint(last)) if p.is_file()]
+    errors = []
+    for path in candidates:
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            print0(f"resume: {e}")
+            if is_main():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            continue
+        if errors:
+            print0(f"resume: falling back to the previous checkpoint {path}")
+        return path
+    if errors:
+        raise CheckpointError(f"no usable checkpoint to resume in {cfg.out}: "
+                              + " | ".join(errors))
+    return None
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot take checkpoints: unwritable, or too little disk space."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def check_run_folder(out, model):
+    """Before training: the run folder exists, takes a file, and its disk has room for the
+    checkpoints a run keeps (last, last_prev, best_iou, best_mse and a temporary: five
+    copies of model + EMA + two AdamW moments)."""
+    probe = Path(out) / f".write_test_{get_rank()}"
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunFolderError(f"run folder {out} is not writable ({e.strerror or e}); "
+                             f"choose another with --out") from None
+    checkpoint_bytes = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < 5 * checkpoint_bytes:
+        raise RunFolderError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; a run "
+                             f"keeps five checkpoints of {checkpoint_bytes / 2**20:.0f} MiB. "
+                             f"Free some space or choose another --out")
 
 
 # ------------------------------------------------------------------------ EMA
@@ -458,10 +508,6 @@ def train(cfg, resume_from=None):
     if resume_from is None and (out / "last.pt").is_file() and cfg.resume != "auto":
         raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume auto to "
                               f"continue it or --out to start a new one")
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
-
     # ---- data
     datasets = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
                               val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -483,6 +529,7 @@ def train(cfg, resume_from=None):
     # ---- model, EMA, optimiser: same init on every rank
     seed_everything(cfg.seed)
     raw_model, diffusion = build_model_and_diffusion(cfg.to_dict())
+    check_run_folder(out, raw_model)   # every rank, so all fail together before training
     raw_model.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"  # slower on CPU convolutions
     if channels_last:
@@ -495,7 +542,7 @@ def train(cfg, resume_from=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
     best = {"epoch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf, "bad_evals": 0,
-            "val_iou": None, "val_mse": None}
+            "val_iou": None, "val_mse": None, "skipped_steps": 0}
 
     if resume_from is not None:
         state = read_checkpoint(resume_from)
@@ -534,6 +581,7 @@ def train(cfg, resume_from=None):
     start = time.time()
     time_over = lambda: cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes  # noqa: E731
     step = last_eval_step = last_save_step = best["step"]
+    nonfinite_streak = 0
     vis = None
     stopped = early_stop = False
     for epoch in range(best["epoch"], cfg.epochs):
@@ -561,11 +609,33 @@ def train(cfg, resume_from=None):
                                   diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            # Skip a step whose gradient is not finite. Gradients are all-reduced, so every
+            # rank takes the same decision. Deciding costs one host sync per step; under
+            # fp16 the GradScaler makes the same check (and sync) itself.
+            if scaler.is_enabled():
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                finite = scaler.get_scale() >= scale
+            else:
+                finite = bool(torch.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+            if not finite:
+                best["skipped_steps"] += 1
+                nonfinite_streak += 1
+                print0(f"step {step + 1}: non-finite loss or gradient, step skipped "
+                       f"({nonfinite_streak} in a row, {best['skipped_steps']} in all)")
+                if nonfinite_streak >= cfg.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_streak} consecutive steps had a non-finite loss or "
+                        f"gradient; stopping. The last good checkpoint is {out / 'last.pt'}. "
+                        f"Try a lower --lr, --amp off or bf16, or check loss_fn")
+                continue
+            nonfinite_streak = 0
             scheduler.step()
             step += 1
             ema.update(raw_model, step)
@@ -616,7 +686,7 @@ def train(cfg, resume_from=None):
             state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg)
             if is_main():
                 for name in saves:
-                    save_checkpoint(state, out / name)
+                    save_checkpoint(state, out / name, keep_previous=name == "last.pt")
             if "last.pt" in saves:
                 last_save_step = step
             barrier()
@@ -645,6 +715,8 @@ def loss_fn_parts():
 def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg):
     """One dict, plain types and tensors only. Gathers every rank's RNG state (a collective:
     all ranks call it)."""
+    check_finite(unwrap(raw_model).state_dict(), "the model")
+    check_finite(ema.state_dict(), "the EMA model")
     rngs = [None] * get_world_size()
     if get_world_size() > 1:
         dist.all_gather_object(rngs, rng_state())

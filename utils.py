@@ -85,13 +85,34 @@ def build_model_and_diffusion(config):
     return model, diffusion
 
 
-def save_checkpoint(state, path):
-    """Write `state` to a temporary file beside `path`, then rename it into place, so a
-    crash mid-write never leaves a truncated file under the real name."""
+def previous_checkpoint(path):
+    """Where save_checkpoint(..., keep_previous=True) keeps the file it replaces."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_prev{path.suffix}")
+
+
+def save_checkpoint(state, path, keep_previous=False):
+    """Write `state` to a temporary file beside `path`, flush it to disk, then rename it into
+    place, so a crash mid-write never leaves a truncated file under the real name. With
+    keep_previous, the file being replaced survives as <name>_prev.pt until the next save."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous_checkpoint(path))
     os.replace(tmp, path)
+
+
+def check_finite(state_dict, what):
+    """Refuse to save weights holding NaN or inf: a checkpoint is only useful when sound."""
+    bad = [k for k, v in state_dict.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"{what} holds non-finite values in {', '.join(bad[:3])}"
+                                 f"{' ...' if len(bad) > 3 else ''}; not saving it")
 
 
 def read_checkpoint(path, map_location="cpu"):
