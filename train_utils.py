@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (CheckpointError, CHECKPOINT_VERSION, MODEL_KEYS, barrier,
+from utils import (CHECKPOINT_VERSION, MODEL_KEYS, CheckpointError, barrier,
                    build_model_and_diffusion, check_finite, check_model_config, is_main,
-                   previous_checkpoint, print0, read_checkpoint, save_checkpoint, save_images,
-                   unwrap)
+                   overlap_scores, previous_checkpoint, print0, read_checkpoint,
+                   save_checkpoint, save_images, unwrap)
 from utils import rank as get_rank, world_size as get_world_size
 
 
@@ -448,11 +448,7 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype):
 
         with autocast(device, dtype):
             probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, generator=gens[0])
-        pred = probs > 0.5
-        truth = mask > 0.5
-        inter = (pred & truth).flatten(1).sum(1).float()
-        union = (pred | truth).flatten(1).sum(1).float()
-        sums[1] += torch.where(union > 0, inter / union.clamp(min=1), 1.0).sum().item()
+        sums[1] += overlap_scores(probs > 0.5, mask > 0.5)[1].sum().item()
         sums[2] += len(index)
         if vis is None:
             vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu(),

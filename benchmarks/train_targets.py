@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import ContourDataset  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from utils import load_checkpoint, overlap_scores  # noqa: E402
 
 
 def run_main(args, out):
@@ -41,13 +41,10 @@ def test_scores(checkpoint, data, steps=25, batch_size=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     dice, iou = [], []
     for image, mask in loader:
-        pred = diffusion.sample(model, image, steps=steps, generator=generator) > 0.5
-        truth = mask > 0.5
-        inter = (pred & truth).flatten(1).sum(1).float()
-        size = pred.flatten(1).sum(1) + truth.flatten(1).sum(1)
-        union = (pred | truth).flatten(1).sum(1).float()
-        dice += torch.where(size > 0, 2 * inter / size.clamp(min=1), 1.0).tolist()
-        iou += torch.where(union > 0, inter / union.clamp(min=1), 1.0).tolist()
+        probs = diffusion.sample(model, image, steps=steps, generator=generator)
+        batch_dice, batch_iou = overlap_scores(probs > 0.5, mask > 0.5)
+        dice += batch_dice.tolist()
+        iou += batch_iou.tolist()
     return sum(dice) / len(dice), sum(iou) / len(iou), len(dice)
 
 
