@@ -604,6 +604,41 @@ def build_datasets(data=None, image_size=64, channels=1, val_fraction=0.1, seed=
     return {"train": train, "val": val, "test": test}
 
 
+# ----------------------------------------------------------------------------- distance maps
+
+def signed_distance_map(mask):
+    """Signed Euclidean distance to the boundary of a (1, H, W) mask, negative inside and
+    positive outside, in units of the image's longer side (so loss weights carry across
+    image sizes). An empty mask is +1 everywhere, a full one -1."""
+    from scipy import ndimage
+    fg = np.asarray(mask[0] > 0.5)
+    side = max(fg.shape)
+    if not fg.any():
+        sdm = np.ones(fg.shape)
+    elif fg.all():
+        sdm = -np.ones(fg.shape)
+    else:
+        sdm = ndimage.distance_transform_edt(~fg) - ndimage.distance_transform_edt(fg)
+        sdm = sdm / side
+    return torch.from_numpy(sdm.astype(np.float32))[None]              # (1, H, W)
+
+
+class WithDistanceMaps(Dataset):
+    """(image, contour) -> (image, contour, signed distance map of the contour), for the
+    boundary and Hausdorff loss terms. The map is made here, after augmentation, in the
+    loader's workers, so the training step never waits on a distance transform of the truth."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, contour = self.dataset[index]
+        return image, contour, signed_distance_map(contour)
+
+
 # ----------------------------------------------------------------------------- loaders
 
 def default_num_workers(local_world_size=None):

@@ -198,6 +198,27 @@ class UNet2D(nn.Module):
         return self.head(h)                                    # (B, out_channels, H, W)
 
 
+class PatchDiscriminator(nn.Module):
+    """PatchGAN critic (Isola et al. 2017) on (image, mask) pairs: strided 4x4 convolutions,
+    one real/fake logit per overlapping patch. Used by the adversarial loss term."""
+
+    def __init__(self, in_channels=2, base_channels=32, num_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, base_channels, 4, stride=2, padding=1),
+                  nn.LeakyReLU(0.2)]
+        ch = base_channels
+        for _ in range(num_layers - 1):
+            layers += [nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1),
+                       nn.GroupNorm(_num_groups(2 * ch), 2 * ch), nn.LeakyReLU(0.2)]
+            ch *= 2
+        layers.append(nn.Conv2d(ch, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image, mask):
+        """image (B, C, H, W), mask (B, 1, H, W) in [0, 1] -> logits (B, 1, H/2^L, W/2^L)."""
+        return self.net(torch.cat([mask * 2 - 1, image], dim=1))
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 

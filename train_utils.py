@@ -30,21 +30,90 @@ from utils import rank as get_rank, world_size as get_world_size
 
 
 # ------------------------------------------------------------------- the loss
-def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image):
+def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image, cfg,
+            distances=None, discriminator=None):
     """The training loss. Returns (total, parts): a scalar to backpropagate and a dict of
-    named, detached scalars that the progress bar and metrics log show.
+    named, detached scalars; each part is a column of metrics.csv and shows in the bar.
 
     model_output: (B, 1, H, W) what the UNet predicts (eps, x0 or v, per diffusion.prediction)
     target:       (B, 1, H, W) the same quantity, true value
     x_t, t:       the noisy mask the model saw and its timesteps (B,)
-    mask:         (B, 1, H, W) true mask in {0, 1}; image: the conditioning image
+    mask:         (B, 1, H, W) true mask in {0, 1}; image: (B, C, H, W) the condition
+    cfg:          the TrainConfig (term weights: cfg.loss_dice, ...; 0 = off)
+    distances:    (B, 1, H, W) signed distance to the true boundary (negative inside, in
+                  image sides), from dataset.WithDistanceMaps; only when a term needs it
+    discriminator: the PatchGAN critic (frozen here) when cfg.loss_adversarial > 0
 
-    To add a term on the predicted mask, recover it from the output:
-        x0, _ = diffusion.predict_x0_eps(x_t, t, model_output, clip=False)
-        mask_pred = (x0.clamp(-1, 1) + 1) / 2                    # (B, 1, H, W) in [0, 1]
+    A new term is two lines: compute it per image from `mask_pred`, weight it into `parts`.
     """
-    mse = F.mse_loss(model_output.float(), target)
-    return mse, {"mse": mse.detach()}
+    parts = {"mse": F.mse_loss(model_output.float(), target)}
+
+    x0, _ = diffusion.predict_x0_eps(x_t, t, model_output, clip=False)
+    mask_pred = ((x0 + 1) / 2).clamp(0, 1)                        # (B, 1, H, W) in [0, 1]
+    # Weight each image by abar_t = SNR / (1 + SNR), in (0, 1]: near 1 at low noise, near 0
+    # near pure noise, where the predicted mask can only be a blur of the prior and a
+    # sharp-mask term would reward guessing. Bounded, unlike the SNR itself.
+    weight = diffusion.alphas_cumprod.to(t.device)[t]            # (B,)
+    if cfg.loss_dice:
+        parts["dice"] = cfg.loss_dice * weighted(soft_dice_loss(mask_pred, mask), weight)
+    if cfg.loss_boundary:
+        parts["boundary"] = cfg.loss_boundary * weighted(
+            boundary_loss(mask_pred, distances), weight)
+    if cfg.loss_hausdorff:
+        parts["hausdorff"] = cfg.loss_hausdorff * weighted(
+            hausdorff_dt_loss(mask_pred, mask, distances), weight)
+    if cfg.loss_adversarial:
+        parts["adversarial"] = cfg.loss_adversarial * weighted(
+            generator_loss(discriminator(image, mask_pred), cfg.adversarial_loss), weight)
+
+    total = sum(parts.values())
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+def weighted(per_image, weight):
+    """Mean over the batch of per-image losses (B,) times their timestep weights (B,)."""
+    return (per_image * weight).mean()
+
+
+def soft_dice_loss(pred, mask, smooth=1.0):
+    """1 - soft Dice per image (Milletari et al. 2016): 0 for a perfect prediction."""
+    inter = (pred * mask).flatten(1).sum(1)
+    total = pred.flatten(1).sum(1) + mask.flatten(1).sum(1)
+    return 1 - (2 * inter + smooth) / (total + smooth)
+
+
+def boundary_loss(pred, signed_distance):
+    """Boundary loss (Kervadec et al. 2019): the predicted mask integrated against the true
+    mask's signed distance map, mean per image. Lowest when the prediction is exactly the
+    truth (it collects all the negative inside and none of the positive outside)."""
+    return (pred * signed_distance).flatten(1).mean(1)
+
+
+def hausdorff_dt_loss(pred, mask, signed_distance, alpha=2.0):
+    """Hausdorff-distance loss, distance-transform form (Karimi & Salcudean 2019, eq. 8):
+    mean of (p - g)^2 * (d_g^alpha + d_p^alpha), d the distance to each mask's boundary.
+    d_g comes from the data pipeline; d_p of the thresholded prediction is computed here,
+    without gradient, on the CPU (scipy), once per step."""
+    from dataset import signed_distance_map
+    with torch.no_grad():
+        pred_distance = torch.stack([signed_distance_map(p > 0.5) for p in pred.detach().cpu()])
+    pred_distance = pred_distance.to(pred.device).abs()
+    weight = signed_distance.abs() ** alpha + pred_distance ** alpha
+    return ((pred - mask) ** 2 * weight).flatten(1).mean(1)
+
+
+def generator_loss(fake_logits, kind):
+    """Adversarial term for the denoiser, per image: hinge -D(fake), or the non-saturating
+    softplus(-D(fake)) (Goodfellow et al. 2014)."""
+    per_patch = -fake_logits if kind == "hinge" else F.softplus(-fake_logits)
+    return per_patch.float().flatten(1).mean(1)
+
+
+def discriminator_loss(real_logits, fake_logits, kind):
+    """The critic's loss: hinge (Lim & Ye 2017) or non-saturating cross-entropy."""
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
 # ------------------------------------------------------------- noise schedules
@@ -128,6 +197,14 @@ class TrainConfig:
     save_every: int = _opt(1, "epochs between last.pt saves")
     max_nonfinite_steps: int = _opt(10, "consecutive skipped non-finite steps before "
                                         "training gives up")
+    # extra loss terms on the predicted mask (see loss_fn); weights, 0 = off
+    loss_dice: float = _opt(0.0, "weight of the soft Dice term")
+    loss_boundary: float = _opt(0.0, "weight of the boundary loss (Kervadec et al. 2019)")
+    loss_hausdorff: float = _opt(0.0, "weight of the Hausdorff distance-transform loss")
+    loss_adversarial: float = _opt(0.0, "weight of the PatchGAN adversarial term")
+    adversarial_loss: str = _opt("hinge", "adversarial objective",
+                                 choices=("hinge", "nonsaturating"))
+    disc_lr: float = _opt(2e-4, "learning rate of the discriminator")
     log_every: int = _opt(10, "steps between loss logs")
 
     def __post_init__(self):
@@ -471,6 +548,56 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------- training
+class Adversary:
+    """The PatchGAN critic behind the adversarial term: its own optimiser and GradScaler,
+    DDP-wrapped when distributed, trained one step after each denoiser step."""
+
+    def __init__(self, cfg, device, dtype, world):
+        from model import PatchDiscriminator
+        self.kind = cfg.adversarial_loss
+        self.device, self.dtype = device, dtype
+        self.net = PatchDiscriminator(in_channels=cfg.channels + 1).to(device)
+        self.wrapped = self.net if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.disc_lr,
+                                           betas=(0.5, 0.999))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def frozen(self):
+        """The critic for the denoiser's loss: gradients reach the mask, not the critic."""
+        return self.net.requires_grad_(False)
+
+    def step(self, image, real, fake):
+        """One critic step on real and generated (image, mask) pairs; returns its loss."""
+        self.net.requires_grad_(True)
+        with autocast(self.device, self.dtype):
+            # one forward over both halves: DDP wants one forward per backward
+            logits = self.wrapped(torch.cat([image, image]), torch.cat([real, fake])).float()
+        real_logits, fake_logits = logits.chunk(2)
+        loss = discriminator_loss(real_logits, fake_logits, self.kind)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        # the loss is the same on every rank only after DDP's all-reduce of the gradients,
+        # so decide on the (reduced) gradient norm, as for the denoiser
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), math.inf)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif torch.isfinite(norm):
+            self.optimizer.step()
+        return loss.detach()
+
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
 class TrainResult(NamedTuple):
     ema_model: torch.nn.Module
     samples: Optional[torch.Tensor]     # (N, 1, H, W) EMA sample probabilities, last validation
@@ -490,7 +617,7 @@ def train(cfg, resume_from=None):
     """Train a DDPM-v2 model as `cfg` says; the caller has set up the process group (if
     any). `resume_from` is the checkpoint to continue (see `resume_config`); by default
     `cfg.resume` is followed. Returns a TrainResult on every rank."""
-    from dataset import build_datasets, make_loader, set_epoch
+    from dataset import WithDistanceMaps, build_datasets, make_loader, set_epoch
 
     rank, world = get_rank(), get_world_size()
     device = pick_device()
@@ -510,6 +637,8 @@ def train(cfg, resume_from=None):
                               augment=cfg.augment,
                               synthetic_sizes=(cfg.synthetic_train, cfg.synthetic_val,
                                                cfg.synthetic_test))
+    if cfg.loss_boundary or cfg.loss_hausdorff:
+        datasets["train"] = WithDistanceMaps(datasets["train"])  # computed in the workers
     workers = None if cfg.num_workers < 0 else cfg.num_workers
     train_loader = make_loader(datasets["train"], batch_per_rank, train=True,
                                distributed=world > 1, num_workers=workers, seed=cfg.seed,
@@ -537,6 +666,7 @@ def train(cfg, resume_from=None):
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
+    adversary = Adversary(cfg, device, dtype, world) if cfg.loss_adversarial else None
     best = {"epoch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf, "bad_evals": 0,
             "val_iou": None, "val_mse": None, "skipped_steps": 0}
 
@@ -548,6 +678,10 @@ def train(cfg, resume_from=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if adversary is not None:
+            if state.get("adversary") is None:
+                raise CheckpointError(f"{resume_from} has no discriminator to resume")
+            adversary.load_state_dict(state["adversary"])
         best.update({k: state[k] for k in best if k in state})
         rngs = state["rng"]
         if len(rngs) == world:
@@ -565,9 +699,7 @@ def train(cfg, resume_from=None):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    part_names = loss_fn_parts()
-    log = MetricsLog(out / "metrics.csv", part_names,
-                     resume_step=best["step"] if resume_from is not None else None)
+    log = running = None  # made at the first step, when loss_fn has named its parts
     control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     stop = StopSignal(control)
     print0(f"training on {world} x {device.type}, {len(datasets['train'])} train / "
@@ -585,14 +717,13 @@ def train(cfg, resume_from=None):
         model.train()
         bar = tqdm(train_loader, disable=not is_main(), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    leave=False, dynamic_ncols=True)
-        running = torch.zeros(1 + len(part_names), device=device)
         tick, images_seen = time.time(), 0
-        for image, mask in bar:
+        for batch in bar:
             if stop.poll(time_over()):
                 stopped = True
                 break
-            image = image.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
+            image, mask, *extra = (x.to(device, non_blocking=True) for x in batch)
+            distances = extra[0] if extra else None                   # (B, 1, H, W)
             x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
             t = diffusion.sample_timesteps(x0.shape[0], device=device)
             x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
@@ -602,7 +733,9 @@ def train(cfg, resume_from=None):
             with autocast(device, dtype):
                 output = model(x_in, t)                               # (B, 1, H, W)
             loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
-                                  diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image)
+                                  diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image,
+                                  cfg=cfg, distances=distances,
+                                  discriminator=adversary.frozen() if adversary else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -635,6 +768,14 @@ def train(cfg, resume_from=None):
             scheduler.step()
             step += 1
             ema.update(raw_model, step)
+            if adversary is not None:
+                fake, _ = diffusion.predict_x0_eps(x_t, t, output.detach().float())
+                parts["critic"] = adversary.step(image, mask, (fake + 1) / 2)
+            if log is None:
+                part_names = list(parts)
+                log = MetricsLog(out / "metrics.csv", part_names,
+                                 resume_step=best["step"] if resume_from is not None else None)
+                running = torch.zeros(1 + len(part_names), device=device)
             running += torch.stack([loss.detach(), *(parts[k] for k in part_names)])
             images_seen += x0.shape[0] * world
 
@@ -679,7 +820,8 @@ def train(cfg, resume_from=None):
         if last_save_step != step and (finishing or (epoch + 1) % cfg.save_every == 0):
             saves.append("last.pt")
         if saves:
-            state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg)
+            state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg,
+                                     adversary)
             if is_main():
                 for name in saves:
                     save_checkpoint(state, out / name, keep_previous=name == "last.pt")
@@ -698,21 +840,13 @@ def train(cfg, resume_from=None):
     return TrainResult(ema.model, samples, contours, images, best)
 
 
-def loss_fn_parts():
-    """Names of the parts `loss_fn` reports, found by calling it once on a tiny batch."""
-    from DDPM import Diffusion
-    d = Diffusion(10)
-    x0 = torch.zeros(1, 1, 4, 4)
-    t = torch.zeros(1, dtype=torch.long)
-    _, parts = loss_fn(x0, x0, diffusion=d, x_t=x0, t=t, mask=x0, image=x0)
-    return list(parts)
-
-
-def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg):
+def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg, adversary=None):
     """One dict, plain types and tensors only. Gathers every rank's RNG state (a collective:
     all ranks call it)."""
     check_finite(unwrap(raw_model).state_dict(), "the model")
     check_finite(ema.state_dict(), "the EMA model")
+    if adversary is not None:
+        check_finite(adversary.net.state_dict(), "the discriminator")
     rngs = [None] * get_world_size()
     if get_world_size() > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -726,6 +860,7 @@ def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg):
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         **best,
+        "adversary": adversary.state_dict() if adversary is not None else None,
         "rng": rngs,
         "config": cfg.to_dict(),
     }

@@ -39,3 +39,8 @@ def tiny_folder(tmp_path_factory):
         Image.fromarray((mask[0].numpy() * 255).astype("uint8")).save(
             root / "test" / "masks" / f"case{i}.png")
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped on the CPU "
+                                       "(benchmarks/gpu_check.sh runs them)")
