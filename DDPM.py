@@ -97,6 +97,19 @@ class Diffusion:
         self.posterior_log_variance_clipped = f32(posterior_log_variance_clipped)
         self.posterior_mean_coef1 = f32(posterior_mean_coef1)
         self.posterior_mean_coef2 = f32(posterior_mean_coef2)
+        self._abar = self.alphas_cumprod.tolist()   # the float32 table as Python floats, for DDIM
+
+    TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+              "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+              "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+              "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+
+    def to(self, device):
+        """Keep the schedule tables on `device`, so gathering them never copies host to GPU
+        (a stream sync) inside the training step or the sampling loop. Returns self."""
+        for name in self.TABLES:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def __repr__(self):
         return (f"Diffusion(timesteps={self.num_timesteps}, schedule={self.schedule!r}, "
@@ -194,8 +207,7 @@ class Diffusion:
         x0, eps = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t))
         if t_prev_int < 0:
             return x0, x0
-        abar_t = self.alphas_cumprod[t_int].item()
-        abar_prev = self.alphas_cumprod[t_prev_int].item()
+        abar_t, abar_prev = self._abar[t_int], self._abar[t_prev_int]
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
         x_prev = abar_prev ** 0.5 * x0 + max(1 - abar_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if sigma > 0:
@@ -203,17 +215,20 @@ class Diffusion:
         return x_prev, x0
 
     def sample_progressive(self, model, image, steps=None, eta=0.0, generator=None,
-                           progress=False):
+                           progress=False, noise=None):
         """Yield (t, x_t, predicted x0) after every reverse step; for notebooks and videos.
 
         steps=None or steps=T: the full ancestral DDPM sampler over T-1..0.
         Fewer steps: DDIM on the grid of `ddim_timesteps(T, steps)` with the given eta.
+        noise: the starting x_T, (B, 1, H, W); drawn from `generator` when None.
         """
         steps = self.num_timesteps if steps is None else int(steps)
         device = next(model.parameters()).device
+        self.to(device)
         image = image.to(device=device, dtype=torch.float32)
         b, _, h, w = image.shape
-        x_t = _randn((b, 1, h, w), generator, device)         # (B, 1, H, W) pure noise at T-1
+        x_t = (_randn((b, 1, h, w), generator, device) if noise is None
+               else noise.to(device=device, dtype=torch.float32))  # (B, 1, H, W) at T-1
         if steps == self.num_timesteps:
             grid = list(range(self.num_timesteps - 1, -1, -1))
         else:
@@ -229,14 +244,16 @@ class Diffusion:
             yield t_int, x_t, x0
 
     def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False,
-               num_samples=1, max_batch=None):
+               num_samples=1, max_batch=None, noise=None):
         """Generate masks for a batch of images: probabilities in [0, 1], shape (B, K, H, W)
         with K = num_samples masks per image (so (B, 1, H, W) for a single sample).
 
         model: the noise model, called as model(cat([x_t, image], 1), t); its device and
         dtype decide where sampling runs. image: (B, C, H, W). No process group is needed.
         The K samples of every image are drawn in one batched pass of B*K, split into
-        chunks of at most `max_batch` when memory is short.
+        chunks of at most `max_batch` when memory is short. noise: the starting x_T of
+        every sample, (B*K, 1, H, W) with each image's K samples adjacent; drawn from
+        `generator` when None.
         """
         b, _, h, w = image.shape
         repeated = image.repeat_interleave(num_samples, dim=0)     # (B*K, C, H, W)
@@ -246,10 +263,12 @@ class Diffusion:
         try:
             with torch.inference_mode():
                 probs = []
-                for part in repeated.split(chunk):
+                starts = noise.split(chunk) if noise is not None else [None] * len(
+                    repeated.split(chunk))
+                for part, start in zip(repeated.split(chunk), starts):
                     x0 = None
                     for _, _, x0 in self.sample_progressive(model, part, steps, eta, generator,
-                                                            progress):
+                                                            progress, start):
                         pass
                     probs.append(((x0 + 1.0) / 2.0).clamp(0.0, 1.0))
                 return torch.cat(probs).reshape(b, num_samples, h, w)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -677,13 +677,17 @@ def make_loader(dataset, batch_size, train, distributed=False, num_workers=None,
                                      shuffle=train, seed=seed)
         samples_per_rank = len(sampler)
     else:
-        rank, sampler, samples_per_rank = 0, None, len(dataset)
+        # its own generator: the loader's also seeds workers, and that draw happens only
+        # when workers start, which would shift the shuffle of a resumed run
+        sampler = (RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+                   if train else None)
+        rank, samples_per_rank = 0, len(dataset)
     workers = default_num_workers() if num_workers is None else num_workers
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     worker_options = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
                           worker_init_fn=seed_worker) if workers > 0 else {}
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
-                        sampler=sampler, num_workers=workers, pin_memory=cuda,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=cuda,
                         drop_last=train and samples_per_rank >= batch_size,
                         generator=torch.Generator().manual_seed(seed + rank), **worker_options)
     loader.rank_seed = seed + rank
@@ -691,11 +695,14 @@ def make_loader(dataset, batch_size, train, distributed=False, num_workers=None,
 
 
 def set_epoch(loader, epoch):
-    """Make `epoch`'s batches a function of (seed, rank, epoch) alone: reshuffle the
-    DistributedSampler and reseed the loader's generator (the shuffle order of a plain loader,
-    and the worker seeds of non-persistent workers). A run resumed at an epoch boundary then
-    sees the same batches as an uninterrupted one."""
+    """Make `epoch`'s order a function of (seed, rank, epoch) alone: reshuffle the
+    DistributedSampler, or reseed the plain shuffle's generator; reseed the loader's own
+    generator too (the seeds of workers started this epoch). A resumed run then sees the
+    same batches in the same order as an uninterrupted one; with persistent workers their
+    augmentation draws continue from where the workers started, so those differ."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
-    if loader.generator is not None and hasattr(loader, "rank_seed"):
-        loader.generator.manual_seed(loader.rank_seed + 1_000_003 * epoch)
+    elif isinstance(loader.sampler, RandomSampler):
+        loader.sampler.generator.manual_seed(loader.rank_seed + 1_000_003 * epoch)
+    if hasattr(loader, "rank_seed"):
+        loader.generator.manual_seed(loader.rank_seed + 2_000_003 * epoch)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (CHECKPOINT_VERSION, MODEL_KEYS, CheckpointError, barrier,
+from utils import (CHECKPOINT_VERSION, MODEL_KEYS, CheckpointError,
                    build_model_and_diffusion, check_finite, check_model_config, is_main,
                    overlap_scores, previous_checkpoint, print0, read_checkpoint,
                    save_checkpoint, save_images, unwrap)
@@ -337,6 +337,7 @@ class EMA:
         self.model = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()
         self.decay = decay
         self.warmup = warmup
+        self._pairs = None
 
     def decay_at(self, step):
         """The warm-up lets the average forget the random init quickly in early steps."""
@@ -346,16 +347,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model, step):
-        d = self.decay_at(step)
-        ema_state = self.model.state_dict()
-        floats_ema, floats = [], []
-        for name, value in unwrap(model).state_dict().items():
-            if value.dtype.is_floating_point:
-                floats_ema.append(ema_state[name])
-                floats.append(value)
-            else:
-                ema_state[name].copy_(value)
-        torch._foreach_lerp_(floats_ema, floats, 1.0 - d)  # ema += (1 - d) * (w - ema)
+        if self._pairs is None:  # state_dict tensors share storage with the live weights
+            ema_state, live = self.model.state_dict(), unwrap(model).state_dict()
+            is_float = {k: v.dtype.is_floating_point for k, v in live.items()}
+            self._pairs = {kind: ([ema_state[k] for k in live if is_float[k] == kind],
+                                  [live[k] for k in live if is_float[k] == kind])
+                           for kind in (True, False)}
+        floats_ema, floats = self._pairs[True]
+        torch._foreach_lerp_(floats_ema, floats, 1.0 - self.decay_at(step))  # ema += (1-d)(w-ema)
+        for ema_value, value in zip(*self._pairs[False]):
+            ema_value.copy_(value)
 
     def state_dict(self):
         return self.model.state_dict()
@@ -502,12 +503,13 @@ def _fmt(v):
 def validate(ema_model, diffusion, loader, cfg, device, dtype):
     """EMA model on the validation set: (val_mse, val_iou, first batch for pictures).
 
-    val_mse: the diffusion MSE (model output against its target) at timesteps and noise seeded by each image's index, so the
-    number is comparable across validations. val_iou: `eval_steps` DDIM steps (eta=0),
-    threshold 0.5, averaged over images (two empty masks count as IoU 1). Both are
+    val_mse: the diffusion MSE (model output against its target) at a timestep and noise
+    seeded by each image's index; val_iou: `eval_steps` DDIM steps (eta=0) from a start noise
+    seeded the same way, threshold 0.5, averaged over images (two empty masks count as IoU
+    1). So both are comparable across validations, batch sizes and process counts. Both are
     all-reduced as [sum, count], so every rank holds the same numbers.
     """
-    sums = [0.0, 0.0, 0.0]  # mse sum, iou sum, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # mse sum, iou sum, images
     vis = None
     for index, image, mask in loader:
         image = image.to(device, non_blocking=True)
@@ -517,20 +519,22 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype):
         t = torch.cat([torch.randint(0, diffusion.num_timesteps, (1,), generator=g)
                        for g in gens]).to(device)
         noise = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens]).to(device)
+        start = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens])
         x_t, _ = diffusion.noise_image(x0, t, noise)
         with autocast(device, dtype):
             out = ema_model(torch.cat([x_t, image], dim=1), t)
         per_image = (out.float() - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
-        sums[0] += per_image.mean(1).sum().item()
-
         with autocast(device, dtype):
-            probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, generator=gens[0])
-        sums[1] += overlap_scores(probs > 0.5, mask > 0.5)[1].sum().item()
-        sums[2] += len(index)
+            probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, noise=start)
+        sums += torch.stack([per_image.mean(1).sum(),
+                             overlap_scores(probs > 0.5, mask > 0.5)[1].sum(),
+                             torch.tensor(float(len(index)), device=device)]).double()
         if vis is None:
             vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu(),
                    probs[:cfg.num_vis].float().cpu())
-    mse_sum, iou_sum, count = all_reduce_sums(sums, device)
+    if get_world_size() > 1:
+        dist.all_reduce(sums)
+    mse_sum, iou_sum, count = sums.tolist()
     return mse_sum / max(count, 1), iou_sum / max(count, 1), vis
 
 
@@ -577,15 +581,14 @@ class Adversary:
         loss = discriminator_loss(real_logits, fake_logits, self.kind)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        # the loss is the same on every rank only after DDP's all-reduce of the gradients,
-        # so decide on the (reduced) gradient norm, as for the denoiser
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), math.inf)
-        if self.scaler.is_enabled():
+        if self.scaler.is_enabled():  # skips a non-finite step itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif torch.isfinite(norm):
-            self.optimizer.step()
+        else:
+            # decide on the gradient norm, which DDP's all-reduce makes equal on every rank
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), math.inf)
+            if torch.isfinite(norm):
+                self.optimizer.step()
         return loss.detach()
 
     def state_dict(self):
@@ -595,7 +598,8 @@ class Adversary:
     def load_state_dict(self, state):
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 class TrainResult(NamedTuple):
@@ -628,7 +632,8 @@ def train(cfg, resume_from=None):
     out = Path(cfg.out)
     if resume_from is None:
         resume_from = find_resume_checkpoint(cfg)
-    if resume_from is None and (out / "last.pt").is_file() and cfg.resume != "auto":
+    if resume_from is None and cfg.resume != "auto" and any(
+            (out / name).is_file() for name in ("last.pt", "last_prev.pt")):
         raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume auto to "
                               f"continue it or --out to start a new one")
     # ---- data
@@ -656,6 +661,7 @@ def train(cfg, resume_from=None):
     raw_model, diffusion = build_model_and_diffusion(cfg.to_dict())
     check_run_folder(out, raw_model)   # every rank, so all fail together before training
     raw_model.to(device)
+    diffusion.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"  # slower on CPU convolutions
     if channels_last:
         raw_model.to(memory_format=torch.channels_last)
@@ -667,8 +673,11 @@ def train(cfg, resume_from=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
     adversary = Adversary(cfg, device, dtype, world) if cfg.loss_adversarial else None
-    best = {"epoch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf, "bad_evals": 0,
-            "val_iou": None, "val_mse": None, "skipped_steps": 0}
+    # "epoch" counts finished epochs; "batch" the batches already trained of the next one
+    # (non-zero only when --max-minutes stopped a run inside an epoch)
+    best = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf,
+            "bad_evals": 0, "val_iou": None, "val_mse": None, "skipped_steps": 0}
+    pending_rng = None
 
     if resume_from is not None:
         state = read_checkpoint(resume_from)
@@ -677,7 +686,8 @@ def train(cfg, resume_from=None):
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run had no fp16 scaler
+            scaler.load_state_dict(state["scaler"])
         if adversary is not None:
             if state.get("adversary") is None:
                 raise CheckpointError(f"{resume_from} has no discriminator to resume")
@@ -685,19 +695,23 @@ def train(cfg, resume_from=None):
         best.update({k: state[k] for k in best if k in state})
         rngs = state["rng"]
         if len(rngs) == world:
-            set_rng_state(rngs[rank])
+            pending_rng = rngs[rank]   # restored once the loader is where the run stopped
         else:
             print0(f"resume: the run had {len(rngs)} processes, now {world}; RNG streams "
                    f"restart from the seed, so losses will not match step for step")
             seed_everything(cfg.seed + 1000 * best["epoch"] + rank)
-        print0(f"resumed from {resume_from} at epoch {best['epoch']} (step {best['step']})")
+        print0(f"resumed from {resume_from} at epoch {best['epoch']}"
+               + (f", batch {best['batch']}" if best["batch"] else "")
+               + f" (step {best['step']})")
     else:
         seed_everything(cfg.seed + rank)  # per-rank streams for t, noise and augmentation
 
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = raw_model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # compile(DDP(m)) lets DDP overlap all-reduce with the backward graph
+        model = torch.compile(model)
 
     log = running = None  # made at the first step, when loss_fn has named its parts
     control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
@@ -718,10 +732,22 @@ def train(cfg, resume_from=None):
         bar = tqdm(train_loader, disable=not is_main(), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    leave=False, dynamic_ncols=True)
         tick, images_seen = time.time(), 0
-        for batch in bar:
-            if stop.poll(time_over()):
+        batches = iter(bar)
+        skip = best["batch"] if epoch == best["epoch"] else 0
+        for _ in range(skip):  # resuming inside an epoch: these batches were trained on
+            next(batches)
+        if pending_rng is not None:  # after the skipped batches drew their augmentation
+            set_rng_state(pending_rng)
+            if "cuda" not in pending_rng and device.type == "cuda":
+                torch.cuda.manual_seed(cfg.seed + 1000 * epoch + rank)
+            pending_rng = None
+        batches_done = skip
+        for batch_index in range(skip, len(train_loader)):
+            if stop.poll(time_over()):  # before fetching, so a resume fetches the same batch
                 stopped = True
                 break
+            batch = next(batches)
+            batches_done = batch_index + 1
             image, mask, *extra = (x.to(device, non_blocking=True) for x in batch)
             distances = extra[0] if extra else None                   # (B, 1, H, W)
             x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
@@ -742,22 +768,22 @@ def train(cfg, resume_from=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             # Skip a step whose gradient is not finite. Gradients are all-reduced, so every
-            # rank takes the same decision. Deciding costs one host sync per step; under
-            # fp16 the GradScaler makes the same check (and sync) itself.
+            # rank takes the same decision. Deciding costs the step's one host sync; under
+            # fp16 the GradScaler makes the same check (and skips the step) itself.
+            finite = bool(torch.isfinite(grad_norm))
             if scaler.is_enabled():
-                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                finite = scaler.get_scale() >= scale
-            else:
-                finite = bool(torch.isfinite(grad_norm))
-                if finite:
-                    optimizer.step()
+            elif finite:
+                optimizer.step()
             if not finite:
                 best["skipped_steps"] += 1
-                nonfinite_streak += 1
-                print0(f"step {step + 1}: non-finite loss or gradient, step skipped "
-                       f"({nonfinite_streak} in a row, {best['skipped_steps']} in all)")
+                # fp16's first overflows only calibrate the loss scale: a streak starts
+                # counting once the scale has fallen below 1
+                if not scaler.is_enabled() or scaler.get_scale() < 1:
+                    nonfinite_streak += 1
+                    print0(f"step {step + 1}: non-finite loss or gradient, step skipped "
+                           f"({nonfinite_streak} in a row, {best['skipped_steps']} in all)")
                 if nonfinite_streak >= cfg.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{nonfinite_streak} consecutive steps had a non-finite loss or "
@@ -775,13 +801,15 @@ def train(cfg, resume_from=None):
                 part_names = list(parts)
                 log = MetricsLog(out / "metrics.csv", part_names,
                                  resume_step=best["step"] if resume_from is not None else None)
-                running = torch.zeros(1 + len(part_names), device=device)
+                running, running_steps = torch.zeros(1 + len(part_names), device=device), 0
             running += torch.stack([loss.detach(), *(parts[k] for k in part_names)])
+            running_steps += 1
             images_seen += x0.shape[0] * world
 
             if step % cfg.log_every == 0:
-                means = all_reduce_sums((running / cfg.log_every).tolist(), device)
-                means = [m / world for m in means]
+                if world > 1:
+                    dist.all_reduce(running)
+                means = (running / (running_steps * world)).tolist()
                 speed = images_seen / (time.time() - tick)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
@@ -789,11 +817,15 @@ def train(cfg, resume_from=None):
                           elapsed_s=time.time() - start,
                           **dict(zip(part_names, means[1:])))
                 running.zero_()
+                running_steps = 0
                 tick, images_seen = time.time(), 0
         bar.close()
         stopped = stop.settle(stopped or time_over())
-        if step > best["step"]:  # an epoch stopped before its first step does not count
-            best["epoch"], best["step"] = epoch + 1, step
+        if batches_done == len(train_loader):
+            best["epoch"], best["batch"] = epoch + 1, 0
+        else:  # stopped inside the epoch: a resume trains its remaining batches
+            best["epoch"], best["batch"] = epoch, batches_done
+        best["step"] = step
         finishing = stopped or epoch + 1 == cfg.epochs
 
         saves = []
@@ -811,25 +843,34 @@ def train(cfg, resume_from=None):
                 saves.append("best_mse.pt")
             early_stop = best["bad_evals"] >= cfg.patience
             finishing = finishing or early_stop
-            print0(f"epoch {best['epoch']}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
+            print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
                    f"(best {best['best_iou']:.4f}, {best['bad_evals']}/{cfg.patience} without gain)")
-            log.write(epoch=best["epoch"], step=step, val_mse=val_mse, val_iou=val_iou,
+            log.write(epoch=epoch + 1, step=step, val_mse=val_mse, val_iou=val_iou,
                       lr=scheduler.get_last_lr()[0], elapsed_s=time.time() - start)
-            if is_main():
-                save_images(out / f"samples_epoch{best['epoch']:04d}.png", *vis)
+            saves.append(f"samples_epoch{epoch + 1:04d}.png")
         if last_save_step != step and (finishing or (epoch + 1) % cfg.save_every == 0):
             saves.append("last.pt")
         if saves:
             state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg,
                                      adversary)
+            failure = None
             if is_main():
-                for name in saves:
-                    save_checkpoint(state, out / name, keep_previous=name == "last.pt")
+                try:
+                    for name in saves:
+                        if name.endswith(".png"):
+                            save_images(out / name, *vis)
+                        else:
+                            save_checkpoint(state, out / name, keep_previous=name == "last.pt")
+                except OSError as e:
+                    failure = e
+            # every rank learns whether rank 0 saved, instead of waiting at a barrier
+            if all_reduce_sums([float(failure is not None)], device)[0] > 0:
+                raise RunFolderError(f"could not write to the run folder {out}: "
+                                     f"{failure or 'rank 0 failed to save'}")
             if "last.pt" in saves:
                 last_save_step = step
-            barrier()
         if stopped or early_stop:
-            print0(f"stopping after epoch {best['epoch']}: "
+            print0(f"stopping after epoch {epoch + 1}: "
                    + ("time budget reached" if stopped else
                       f"val IoU has not improved for {cfg.patience} validations"))
             break

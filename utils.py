@@ -42,11 +42,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def barrier():
-    if world_size() > 1:
-        dist.barrier()
-
-
 def unwrap(model):
     """The plain nn.Module under DDP and torch.compile wrappers (no `module.` / `_orig_mod.`)."""
     while True:
@@ -261,8 +256,9 @@ def fuse_samples(probs, method="mean", threshold=0.5):
         return (probs > threshold).float().mean(1, keepdim=True)
     if method == "staple":
         b, k, h, w = probs.shape
-        decisions = (probs > threshold).reshape(b, k, h * w)
-        return torch.stack([staple(d) for d in decisions]).reshape(b, 1, h, w).to(probs.dtype)
+        decisions = (probs > threshold).reshape(b, k, h * w).cpu()  # a small EM: CPU, no syncs
+        fused = torch.stack([staple(d) for d in decisions]).reshape(b, 1, h, w)
+        return fused.to(device=probs.device, dtype=probs.dtype)
     raise ValueError(f"fusion must be one of {FUSIONS}, got {method!r}")
 
 

@@ -199,3 +199,33 @@ def test_readme_notebook_snippet_runs(tiny_run, tiny_folder, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert (tmp_path / "masks.png").is_file()
+
+
+def test_resume_inside_an_epoch_after_time_stop(tmp_path, monkeypatch):
+    """--max-minutes stops a run mid-epoch; the resume trains that epoch's remaining batches
+    and repeats the uninterrupted run step for step (augmented folder data, no workers)."""
+    from types import SimpleNamespace
+    import train_utils
+    from train_utils import resume_config
+    data = ROOT.parent / "shared" / "data" / "lung-ct-64"
+    if not data.is_dir():
+        pytest.skip("needs ../shared/data/lung-ct-64")
+    flags = TINY + ["--data", str(data), "--batch-size", "32"]   # 192 train images: 6 batches
+    full, _ = main.parse_args(flags + ["--epochs", "2", "--out", str(tmp_path / "full")])
+    train(full)
+    clock = iter(range(10 ** 6))   # a fake clock: every reading is one second later
+    monkeypatch.setattr(train_utils, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    part, _ = main.parse_args(flags + ["--epochs", "2", "--max-minutes", "0.5",
+                                       "--out", str(tmp_path / "part")])
+    train(part)
+    monkeypatch.undo()
+    stopped = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert stopped["epoch"] == 1 and 0 < stopped["batch"] < 6, (stopped["epoch"], stopped["batch"])
+    cfg, explicit = main.parse_args(flags + ["--epochs", "2", "--max-minutes", "0",
+                                             "--resume", "auto", "--out", str(tmp_path / "part")])
+    cfg, checkpoint = resume_config(cfg, explicit)
+    train(cfg, resume_from=checkpoint)
+    a, b = step_losses(full.out), step_losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], abs=1e-6), s
