@@ -107,8 +107,9 @@ class Diffusion:
     def to(self, device):
         """Keep the schedule tables on `device`, so gathering them never copies host to GPU
         (a stream sync) inside the training step or the sampling loop. Returns self."""
-        for name in self.TABLES:
-            setattr(self, name, getattr(self, name).to(device))
+        with torch.inference_mode(False):  # never turn the tables into inference tensors
+            for name in self.TABLES:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def __repr__(self):

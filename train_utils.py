@@ -525,7 +525,8 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype):
             out = ema_model(torch.cat([x_t, image], dim=1), t)
         per_image = (out.float() - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
         with autocast(device, dtype):
-            probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, noise=start)
+            probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, noise=start,
+                                     generator=gens[0])  # the ancestral sampler's later draws
         sums += torch.stack([per_image.mean(1).sum(),
                              overlap_scores(probs > 0.5, mask > 0.5)[1].sum(),
                              torch.tensor(float(len(index)), device=device)]).double()
@@ -694,6 +695,11 @@ def train(cfg, resume_from=None):
             adversary.load_state_dict(state["adversary"])
         best.update({k: state[k] for k in best if k in state})
         rngs = state["rng"]
+        if best["batch"] and len(rngs) != world:
+            print0(f"resume: the run stopped inside epoch {best['epoch'] + 1} with "
+                   f"{len(rngs)} processes, now {world}; the shards differ, so that epoch "
+                   f"restarts from its first batch")
+            best["batch"] = 0
         if len(rngs) == world:
             pending_rng = rngs[rank]   # restored once the loader is where the run stopped
         else:
@@ -769,13 +775,13 @@ def train(cfg, resume_from=None):
                 raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             # Skip a step whose gradient is not finite. Gradients are all-reduced, so every
             # rank takes the same decision. Deciding costs the step's one host sync; under
-            # fp16 the GradScaler makes the same check (and skips the step) itself.
+            # fp16 it replaces scaler.step's own check (a second sync): unscale_ has recorded
+            # the overflow, and scaler.update() lowers the scale from that record.
             finite = bool(torch.isfinite(grad_norm))
-            if scaler.is_enabled():
-                scaler.step(optimizer)
-                scaler.update()
-            elif finite:
+            if finite:
                 optimizer.step()
+            if scaler.is_enabled():
+                scaler.update()
             if not finite:
                 best["skipped_steps"] += 1
                 # fp16's first overflows only calibrate the loss scale: a streak starts
@@ -861,10 +867,12 @@ def train(cfg, resume_from=None):
                             save_images(out / name, *vis)
                         else:
                             save_checkpoint(state, out / name, keep_previous=name == "last.pt")
-                except OSError as e:
+                except Exception as e:  # any failure: the other ranks must hear of it
                     failure = e
             # every rank learns whether rank 0 saved, instead of waiting at a barrier
             if all_reduce_sums([float(failure is not None)], device)[0] > 0:
+                if failure is not None and not isinstance(failure, OSError):
+                    raise failure
                 raise RunFolderError(f"could not write to the run folder {out}: "
                                      f"{failure or 'rank 0 failed to save'}")
             if "last.pt" in saves:

@@ -8,7 +8,8 @@ data of the right shape. MFU = 3 x forward FLOPs (model.estimate_flops) x images
 by the device's dense peak measured in the same run by a large matmul in the same dtype
 (and, on CUDA, also by the card's data-sheet figure where known). With --peer, also times
 lucidrains' med-seg-diff-pytorch Unet(dim=32, dim_mults=(1, 2, 4, 8)) when that package is
-installed (it is not a dependency; the column is skipped otherwise).
+installed (it is not a dependency; the column is skipped otherwise), in fp32 and without
+an EMA update, which only flatters the peer.
 """
 import argparse
 import json
@@ -33,7 +34,8 @@ DATASHEET_PEAKS = {"H100 SXM": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
                    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
                    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
 CONFIGS = {"default": {},
-           "large": {"base_channels": 32, "num_res_blocks": 2}}   # ~16 M, near med-seg-diff's 20 M
+           "base32": {"base_channels": 32},       # the peer's width and levels: dim 32, (1, 2, 4, 8)
+           "large": {"base_channels": 32, "num_res_blocks": 2}}   # two blocks per level, 15.9 M
 
 
 def synchronize(device):
@@ -123,12 +125,16 @@ def peer_step(size, batch, device):
     cond = torch.randn(batch, 1, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
 
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1], t[:1], cond[:1])
+
     def step():
         loss = F.mse_loss(model(x, t, cond), x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return step, count_parameters(model)
+    return step, count_parameters(model), counter.get_total_flops()
 
 
 def main():
@@ -185,9 +191,12 @@ def main():
         if made is None:
             print("med-seg-diff-pytorch is not installed: peer column skipped")
         else:
-            step, params = made
-            peer = {"params": params, "size": 64,
-                    "images_per_s": batch / time_steps(step, device, 2, args.seconds)}
+            step, params, flops = made
+            images_per_s = batch / time_steps(step, device, 2, args.seconds)
+            peer = {"params": params, "size": 64, "forward_gflops": flops / 1e9,
+                    "images_per_s": images_per_s,
+                    "mfu_measured_peak": (3 * flops * images_per_s / peaks["fp32"]
+                                          if "fp32" in peaks else None)}
 
     print(f"\n{'model':8s} {'params':>7s} {'size':>5s} {'dtype':>5s} {'compile':>7s} "
           f"{'img/s':>9s} {'TFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
@@ -199,8 +208,10 @@ def main():
                  if "mfu_datasheet" in r else ""))
     if peer:
         ours = [r for r in rows if r["size"] == 64]
-        print(f"med-seg-diff Unet {peer['params'] / 1e6:.1f}M at 64 px: "
-              f"{peer['images_per_s']:.1f} img/s; ours: "
+        print(f"med-seg-diff Unet {peer['params'] / 1e6:.1f}M, {peer['forward_gflops']:.2f} "
+              f"GFLOPs at 64 px: {peer['images_per_s']:.1f} img/s"
+              + (f", MFU {peer['mfu_measured_peak']:.1%}" if peer["mfu_measured_peak"] else "")
+              + "; ours: "
               + ", ".join(f"{r['model']} {r['images_per_s'] / peer['images_per_s']:.2f}x"
                           for r in ours))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

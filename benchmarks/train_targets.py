@@ -3,7 +3,9 @@
     python benchmarks/train_targets.py synthetic                 # `python main.py`, no flags
     python benchmarks/train_targets.py lung --prediction eps x0 v --minutes 10
 
-`synthetic` times the no-argument run and reads its best EMA val IoU. `lung` trains on
+`synthetic` times the no-argument run and reads its best EMA val IoU; beside it, the IoU of
+the best global intensity threshold and of the best per-image threshold on the same val set
+(`dataset.threshold_baseline`), the floor the model must beat. `lung` trains on
 lung-ct-64 at 64 px for --minutes per prediction type (same seed), then scores
 best_iou.pt (EMA weights) on the test split: Dice and IoU of a single sample with 25 DDIM
 steps, threshold 0.5. Prints a table and writes JSON next to the runs.
@@ -20,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import ContourDataset  # noqa: E402
+from dataset import ContourDataset, build_datasets, threshold_baseline  # noqa: E402
 from utils import load_checkpoint, overlap_scores  # noqa: E402
 
 
@@ -65,12 +67,21 @@ def main():
         run = out / "synthetic-default"
         seconds = run_main(args.extra, run)
         state = torch.load(run / "last.pt", weights_only=True)
+        cfg = state["config"]
+        sizes = (cfg["synthetic_train"], cfg["synthetic_val"], cfg["synthetic_test"])
+        val = build_datasets(None, image_size=cfg["image_size"], seed=cfg["seed"],
+                             synthetic_sizes=sizes)["val"]
+        floor = threshold_baseline(val, num_samples=len(val))
         results.append({"run": "python main.py", "minutes": seconds / 60,
                         "epochs": state["epoch"], "best_val_iou": state["best_iou"],
-                        "final_val_iou": state["val_iou"]})
-        print(f"\n{'run':16s} {'minutes':>8s} {'epochs':>7s} {'best val IoU':>13s}")
+                        "final_val_iou": state["val_iou"],
+                        "threshold_iou_global": floor["global"],
+                        "threshold_iou_per_image": floor["per_image"]})
+        print(f"\n{'run':16s} {'minutes':>8s} {'epochs':>7s} {'best val IoU':>13s} "
+              f"{'threshold IoU (global / per image)':>35s}")
         r = results[0]
-        print(f"{r['run']:16s} {r['minutes']:8.2f} {r['epochs']:7d} {r['best_val_iou']:13.4f}")
+        print(f"{r['run']:16s} {r['minutes']:8.2f} {r['epochs']:7d} {r['best_val_iou']:13.4f} "
+              f"{r['threshold_iou_global']:17.4f} / {r['threshold_iou_per_image']:.4f}")
     else:
         for prediction in args.prediction:
             run = out / f"lung-{prediction}"
