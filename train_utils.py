@@ -185,7 +185,8 @@ class TrainConfig:
     eval_every: int = _opt(1, "epochs between validations")
     eval_steps: int = _opt(10, "DDIM steps for validation IoU")
     patience: int = _opt(10, "validations without val IoU gain before stopping")
-    min_delta: float = _opt(1e-3, "smallest val IoU gain that counts")
+    min_delta: float = _opt(1e-3, "smallest val IoU gain that restarts the patience count "
+                                         "(best_iou.pt follows any gain)")
     max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
                                     "-1 = 8 for the synthetic demo, none with --data")
     num_vis: int = _opt(4, "validation images in each sample picture")
@@ -677,7 +678,7 @@ def train(cfg, resume_from=None):
     # "epoch" counts finished epochs; "batch" the batches already trained of the next one
     # (non-zero only when --max-minutes stopped a run inside an epoch)
     best = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf,
-            "bad_evals": 0, "val_iou": None, "val_mse": None, "skipped_steps": 0}
+            "patience_iou": -1.0, "bad_evals": 0, "val_iou": None, "val_mse": None, "skipped_steps": 0}
     pending_rng = None
 
     if resume_from is not None:
@@ -694,6 +695,8 @@ def train(cfg, resume_from=None):
                 raise CheckpointError(f"{resume_from} has no discriminator to resume")
             adversary.load_state_dict(state["adversary"])
         best.update({k: state[k] for k in best if k in state})
+        if "patience_iou" not in state:  # written before best and patience were separate
+            best["patience_iou"] = best["best_iou"]
         rngs = state["rng"]
         if best["batch"] and len(rngs) != world:
             print0(f"resume: the run stopped inside epoch {best['epoch'] + 1} with "
@@ -838,15 +841,7 @@ def train(cfg, resume_from=None):
         if last_eval_step != step and (finishing or (epoch + 1) % cfg.eval_every == 0):
             last_eval_step = step
             val_mse, val_iou, vis = validate(ema.model, diffusion, val_loader, cfg, device, dtype)
-            best["val_mse"], best["val_iou"] = val_mse, val_iou
-            if val_iou > best["best_iou"] + cfg.min_delta:
-                best["best_iou"], best["bad_evals"] = val_iou, 0
-                saves.append("best_iou.pt")
-            else:
-                best["bad_evals"] += 1
-            if val_mse < best["best_mse"]:
-                best["best_mse"] = val_mse
-                saves.append("best_mse.pt")
+            saves += record_validation(best, val_iou, val_mse, cfg.min_delta)
             early_stop = best["bad_evals"] >= cfg.patience
             finishing = finishing or early_stop
             print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
@@ -887,6 +882,28 @@ def train(cfg, resume_from=None):
     best["stopped_by_time"] = stopped
     images, contours, samples = vis if vis is not None else (None, None, None)
     return TrainResult(ema.model, samples, contours, images, best)
+
+
+def record_validation(best, val_iou, val_mse, min_delta):
+    """Fold one validation into the run's record; returns the best_*.pt files to write.
+
+    best_iou.pt follows every val IoU gain, however small. The patience count restarts
+    only on a gain of more than min_delta over the IoU at its last restart, so a run whose
+    IoU creeps up by less than min_delta per validation still stops, with its best model.
+    """
+    best["val_mse"], best["val_iou"] = val_mse, val_iou
+    saves = []
+    if val_iou > best["patience_iou"] + min_delta:
+        best["patience_iou"], best["bad_evals"] = val_iou, 0
+    else:
+        best["bad_evals"] += 1
+    if val_iou > best["best_iou"]:
+        best["best_iou"] = val_iou
+        saves.append("best_iou.pt")
+    if val_mse < best["best_mse"]:
+        best["best_mse"] = val_mse
+        saves.append("best_mse.pt")
+    return saves
 
 
 def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg, adversary=None):

@@ -2,6 +2,7 @@
 multi-process runs (gloo) through mp.spawn and torchrun."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 
 import main
 from conftest import TINY_FLAGS
-from train_utils import EMA, TrainConfig, train
+from train_utils import EMA, TrainConfig, record_validation, train
 from utils import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +119,18 @@ def test_early_stopping_fires_on_stagnant_metric(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", epochs=6, patience=2, min_delta=2.0)
     result = train(cfg)
     assert result.best["stopped_early"] and result.best["epoch"] == 2
+
+
+def test_best_checkpoint_follows_small_gains_patience_does_not():
+    best = {"best_iou": -1.0, "patience_iou": -1.0, "bad_evals": 0, "best_mse": math.inf}
+    history = []
+    for iou, mse in [(0.50, 0.3), (0.5004, 0.2), (0.5008, 0.25), (0.5012, 0.1), (0.49, 0.4)]:
+        saves = record_validation(best, iou, mse, min_delta=1e-3)
+        history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best["bad_evals"]))
+    # every IoU gain saves; only the last step of 0.0012 over 0.50 restarts the patience
+    assert history == [(True, True, 0), (True, True, 1), (True, False, 2), (True, True, 0),
+                       (False, False, 1)]
+    assert best["best_iou"] == 0.5012 and best["val_iou"] == 0.49
 
 
 def test_amp_bf16_path_runs_on_cpu(tmp_path):
