@@ -3,7 +3,8 @@
     python benchmarks/bench_quality.py --data ../shared/data/lung-ct-64 --minutes 10 --image-size 64
     python benchmarks/bench_quality.py --data ../shared/data/jsrt-lungs --minutes 10 --image-size 128
 
-DDPM-v2: `python main.py --max-minutes M` with the default config; best_iou.pt (EMA) is
+DDPM-v2: `python main.py --max-minutes M` with the default config (plus --ddpm-flags,
+if given); best_iou.pt (EMA) is
 scored with 25 DDIM steps, one sample and a K=5 ensemble (mean fusion).
 Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained on the same
 augmented loader with BCE + soft Dice for the same wall-clock minutes, with the same EMA; the
@@ -11,6 +12,7 @@ EMA weights of its best validation Dice are scored. Both on the test split, thre
 """
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -105,7 +107,11 @@ def main():
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ddpm-flags", default="",
+                        help='further main.py flags for DDPM-v2, one string: '
+                             '--ddpm-flags="--loss-boundary 1 --eval-every 2"')
     args = parser.parse_args()
+    ddpm_flags = shlex.split(args.ddpm_flags)
     name = Path(args.data).name
     out = Path(args.out or ROOT / "trained_models" / "bench_quality" / f"{name}-{args.image_size}")
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,8 @@ def main():
 
     subprocess.run([sys.executable, "main.py", "--data", args.data, "--image-size",
                     str(args.image_size), "--max-minutes", str(args.minutes), "--seed",
-                    str(args.seed), "--out", str(out / "ddpm")], cwd=ROOT, check=True)
+                    str(args.seed), "--out", str(out / "ddpm"), *ddpm_flags], cwd=ROOT,
+                   check=True)
     model, diffusion, _ = load_checkpoint(out / "ddpm" / "best_iou.pt")
     generator = torch.Generator().manual_seed(args.seed)
     results = {}
@@ -135,7 +142,8 @@ def main():
     for model_name, r in results.items():
         print(f"{model_name:20s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}")
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
-              "seed": args.seed, "steps": args.steps, "results": results,
+              "seed": args.seed, "steps": args.steps, "ddpm_flags": ddpm_flags,
+              "results": results,
               "baseline_training": info, "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")
