@@ -186,7 +186,7 @@ class TrainConfig:
     eval_steps: int = _opt(10, "DDIM steps for validation IoU")
     patience: int = _opt(10, "validations without val IoU gain before stopping")
     min_delta: float = _opt(1e-3, "smallest val IoU gain that restarts the patience count "
-                                         "(best_iou.pt follows any gain)")
+                                  "(best_iou.pt follows any gain)")
     max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
                                     "-1 = 8 for the synthetic demo, none with --data")
     num_vis: int = _opt(4, "validation images in each sample picture")
@@ -678,7 +678,8 @@ def train(cfg, resume_from=None):
     # "epoch" counts finished epochs; "batch" the batches already trained of the next one
     # (non-zero only when --max-minutes stopped a run inside an epoch)
     best = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf,
-            "patience_iou": -1.0, "bad_evals": 0, "val_iou": None, "val_mse": None, "skipped_steps": 0}
+            "patience_iou": -1.0, "bad_evals": 0, "val_iou": None, "val_mse": None,
+            "skipped_steps": 0}
     pending_rng = None
 
     if resume_from is not None:
