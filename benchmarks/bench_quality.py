@@ -108,7 +108,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--ddpm-flags", default="",
-                        help='further main.py flags for DDPM-v2, one string: '
+                        help='further main.py training flags for DDPM-v2 (not ones that '
+                             'change the model, which the baseline shares), one string: '
                              '--ddpm-flags="--loss-boundary 1 --eval-every 2"')
     args = parser.parse_args()
     ddpm_flags = shlex.split(args.ddpm_flags)
