@@ -54,7 +54,7 @@ class Diffusion:
     are moved to the caller's device when used, so one object serves any model and device.
     """
 
-    def __init__(self, timesteps=1000, schedule="cosine", prediction="eps"):
+    def __init__(self, timesteps=1000, schedule="cosine", prediction="eps", shift=1.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if prediction not in PREDICTION_TYPES:
@@ -62,11 +62,12 @@ class Diffusion:
         self.num_timesteps = int(timesteps)
         self.schedule = schedule
         self.prediction = prediction
+        self.shift = float(shift)
 
         # imported here: train_utils imports this module, and the schedules belong there
         from train_utils import cosine_beta_schedule, linear_beta_schedule
         make_betas = cosine_beta_schedule if schedule == "cosine" else linear_beta_schedule
-        betas = make_betas(self.num_timesteps).double()
+        betas = make_betas(self.num_timesteps, shift=self.shift).double()
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -114,7 +115,7 @@ class Diffusion:
 
     def __repr__(self):
         return (f"Diffusion(timesteps={self.num_timesteps}, schedule={self.schedule!r}, "
-                f"prediction={self.prediction!r})")
+                f"prediction={self.prediction!r}, shift={self.shift:g})")
 
     # ----------------------------------------------------------------- forward process
     def sample_timesteps(self, n, device=None, generator=None):

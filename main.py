@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dataset import available_cpus
 from train_utils import (NonFiniteLossError, RunFolderError, TrainConfig, resume_config,
                          train)
 from utils import CheckpointError, print0
@@ -74,7 +75,7 @@ def worker(local_rank, world_size, cfg, explicit, port):
         torch.cuda.set_device(local_rank)  # before init_process_group, so NCCL picks it up
         backend = "nccl"
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, available_cpus() // local_world))
         backend = "gloo"
     distributed = int(os.environ.get("WORLD_SIZE", world_size)) > 1
     try:

@@ -117,23 +117,45 @@ def discriminator_loss(real_logits, fake_logits, kind):
 
 
 # ------------------------------------------------------------- noise schedules
-def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
+def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999, shift=1.0):
     """Improved-DDPM eq. 17: abar(t) = cos^2(((t/T) + s) / (1 + s) * pi/2), normalised so
     abar(0) = 1, and beta_t = min(1 - abar(t+1)/abar(t), max_beta). Float64, shape (T,).
 
     max_beta stops the last step from being a certain jump to pure noise (beta = 1).
+    shift: see shift_alphas_cumprod; 1 = the schedule as published.
     """
     steps = torch.arange(timesteps + 1, dtype=torch.float64)
     f = torch.cos(((steps / timesteps) + s) / (1 + s) * math.pi / 2) ** 2
-    alphas_cumprod = f / f[0]
+    alphas_cumprod = shift_alphas_cumprod(f / f[0], shift)
     betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
     return betas.clamp(max=max_beta)
 
 
-def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
+def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02, shift=1.0):
     """Ho et al.'s linear schedule, rescaled so any T gives the same overall noise as T=1000."""
     scale = 1000 / timesteps
-    return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+    betas = torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+    if shift == 1.0:
+        return betas
+    alphas_cumprod = shift_alphas_cumprod(torch.cumprod(1 - betas, 0), shift)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return 1 - alphas_cumprod / prev
+
+
+def shift_alphas_cumprod(alphas_cumprod, shift):
+    """Lower the log signal-to-noise ratio of every step by 2 ln(shift) (Hoogeboom et al.
+    2023, "simple diffusion", shifted schedules; Chen 2023, "On the importance of noise
+    scheduling", input scaling): SNR' = SNR / shift^2, i.e. abar' = abar / (abar + shift^2
+    (1 - abar)). The ends stay put (abar' = 1 at abar = 1 and 0 at 0).
+
+    Why: a mask is nearly all low frequency, so at a given abar a large mask keeps far more
+    of its shape than a small natural image does, and with shift 1 most training steps can
+    be solved by denoising the noisy mask alone, without looking at the image. shift > 1
+    spends more of them at noise levels where the image is the only guide.
+    """
+    if shift <= 0:
+        raise ValueError(f"schedule shift must be > 0, got {shift}")
+    return alphas_cumprod / (alphas_cumprod + shift ** 2 * (1 - alphas_cumprod))
 
 
 # ----------------------------------------------------------------- the config
@@ -167,6 +189,8 @@ class TrainConfig:
     # diffusion
     timesteps: int = _opt(1000, "diffusion steps T")
     schedule: str = _opt("cosine", "noise schedule", choices=("cosine", "linear"))
+    schedule_shift: float = _opt(1.0, "divide the schedule's signal-to-noise ratio by "
+                                      "shift^2 at every step; > 1 = noisier (large masks)")
     prediction: str = _opt("x0", "what the UNet predicts", choices=("eps", "x0", "v"))
     # optimisation
     epochs: int = _opt(100, "maximum epochs")

@@ -16,7 +16,10 @@ CHECKPOINT_VERSION = 1
 # Config fields that decide the network's shape or the diffusion process: a checkpoint can
 # only be loaded, or a run resumed, when these match.
 MODEL_KEYS = ("channels", "base_channels", "channel_mults", "num_res_blocks",
-              "attention_resolutions", "dropout", "timesteps", "schedule", "prediction")
+              "attention_resolutions", "dropout", "timesteps", "schedule", "schedule_shift",
+              "prediction")
+# model keys added after checkpoints were already being written: what an older one meant
+LATER_MODEL_KEYS = {"schedule_shift": 1.0}
 
 
 class CheckpointError(RuntimeError):
@@ -76,7 +79,8 @@ def build_model_and_diffusion(config):
                    attention_resolutions=tuple(config["attention_resolutions"]),
                    dropout=config["dropout"])
     diffusion = Diffusion(config["timesteps"], schedule=config["schedule"],
-                          prediction=config["prediction"])
+                          prediction=config["prediction"],
+                          shift=config.get("schedule_shift", LATER_MODEL_KEYS["schedule_shift"]))
     return model, diffusion
 
 
@@ -134,6 +138,7 @@ def read_checkpoint(path, map_location="cpu"):
 
 def check_model_config(stored, current, path):
     """Raise a clear error when a checkpoint's model/diffusion settings differ from ours."""
+    stored = {**LATER_MODEL_KEYS, **stored}
     diffs = [f"{k}: checkpoint {stored.get(k)!r} vs now {current.get(k)!r}"
              for k in MODEL_KEYS if _plain(stored.get(k)) != _plain(current.get(k))]
     if diffs:

@@ -37,6 +37,29 @@ def test_linear_schedule_and_diffusion_buffers():
         assert torch.isfinite(d.posterior_log_variance_clipped).all()
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+def test_schedule_shift_divides_snr_by_shift_squared(schedule, shift):
+    make = cosine_beta_schedule if schedule == "cosine" else linear_beta_schedule
+    abar = lambda betas: torch.cumprod(1 - betas, 0)  # noqa: E731  float64
+    snr = lambda a: a / (1 - a)  # noqa: E731
+    plain, shifted = abar(make(1000)), abar(make(1000, shift=shift))
+    keep = plain > 1e-4   # the clipped last cosine step has abar ~ 0
+    ratio = snr(plain[keep]) / snr(shifted[keep])
+    assert torch.allclose(ratio, torch.full_like(ratio, shift ** 2), rtol=1e-6)
+    assert (shifted[1:] < shifted[:-1]).all() and shifted[-1] < 1e-3
+    d = Diffusion(1000, schedule=schedule, shift=shift)
+    assert d.shift == shift and torch.equal(d.betas, make(1000, shift=shift).float())
+    assert (d.betas <= 0.999).all() and torch.isfinite(d.posterior_log_variance_clipped).all()
+    # shift 1 is the published schedule, bit for bit
+    assert torch.equal(make(1000, shift=1.0), make(1000))
+
+
+def test_schedule_shift_must_be_positive():
+    with pytest.raises(ValueError, match="shift"):
+        Diffusion(100, shift=0.0)
+
+
 def test_noise_image_matches_formula():
     d = Diffusion(1000)
     g = torch.Generator().manual_seed(0)

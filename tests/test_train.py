@@ -161,6 +161,27 @@ def test_different_model_shape_gives_clear_error(tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_schedule_shift_travels_with_the_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=1, schedule_shift=2.0)
+    train(cfg)
+    path = Path(cfg.out) / "last.pt"
+    _, diffusion, config = load_checkpoint(path)
+    assert diffusion.shift == 2.0 and config.schedule_shift == 2.0
+    # a checkpoint from before the flag has no such key: the published schedule, shift 1
+    state = torch.load(path, weights_only=True)
+    del state["config"]["schedule_shift"]
+    torch.save(state, tmp_path / "old.pt")
+    _, diffusion, config = load_checkpoint(tmp_path / "old.pt")
+    assert diffusion.shift == 1.0 and config.schedule_shift == 1.0
+    from utils import check_model_config
+    check_model_config(state["config"], config.to_dict(), "old.pt")  # resumes: no clash
+    # the shift defines the diffusion, so a resume may not change it
+    args = TINY + ["--out", cfg.out, "--resume", "auto", "--schedule-shift", "3"]
+    from train_utils import resume_config
+    with pytest.raises(CheckpointError, match="--schedule-shift 3"):
+        resume_config(*main.parse_args(args))
+
+
 def _spawned_rank(local_rank, world_size, cfg, port, result_dir):
     import main as launcher
     result = launcher.worker(local_rank, world_size, cfg, set(), port)
