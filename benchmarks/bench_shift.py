@@ -1,0 +1,134 @@
+"""How the noise schedule shift changes what DDPM-v2 learns in a fixed number of epochs.
+
+    python benchmarks/bench_shift.py --data ../shared/data/jsrt-lungs --image-size 128 \
+        --epochs 20 --shifts 1 2 4 8 16 32 --parallel 2
+
+Trains `main.py --schedule-shift S` for each S, the same data, seed and number of epochs
+(no time limit, so every run takes the same optimiser steps), and reads each run's EMA val
+IoU (one sample, --eval-steps DDIM steps) from its metrics.csv. --score also scores each
+best_iou.pt on the test split (one sample, 25 DDIM steps, threshold 0.5).
+
+--parallel N runs N trainings at once, each pinned to its own CPU (one torch thread each),
+which on a small CPU machine finishes a sweep sooner than one at a time with all threads;
+the epochs, not the clock, bound each run, so the figures do not depend on it. A run
+folder that already holds a finished run of the same length is read, not retrained
+(--retrain to force). Prints a table and writes JSON beside the runs.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import main as launcher  # noqa: E402
+from train_targets import test_scores  # noqa: E402
+from utils import read_checkpoint  # noqa: E402
+
+WHERE_AND_HOW = ("out", "resume", "nproc", "num_workers", "log_every")
+
+
+def val_curve(run):
+    """{epoch: val IoU} from a run folder's metrics.csv."""
+    with open(run / "metrics.csv") as f:
+        return {int(r["epoch"]): float(r["val_iou"]) for r in csv.DictReader(f) if r["val_iou"]}
+
+
+def main_flags(args, shift, run):
+    return ["--data", args.data, "--image-size", str(args.image_size), "--epochs",
+            str(args.epochs), "--max-minutes", "0", "--seed", str(args.seed),
+            "--schedule-shift", f"{shift:g}", "--out", str(run), *args.flags]
+
+
+def finished(run, flags, epochs):
+    """True when `run` holds a run of `flags` (same config, where-and-how flags aside) that
+    validated at `epochs`."""
+    if not (run / "last.pt").is_file() or not (run / "metrics.csv").is_file():
+        return False
+    stored = read_checkpoint(run / "last.pt")["config"]
+    wanted = launcher.parse_args(flags)[0].to_dict()
+    differ = [k for k in wanted if k not in WHERE_AND_HOW and stored.get(k) != wanted[k]]
+    return not differ and max(val_curve(run), default=0) >= epochs
+
+
+def launch(flags, run, cpu):
+    cmd = [sys.executable, "main.py", *flags]
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    log = open(run.parent / f"{run.name}.log", "w")
+    print(" ".join(cmd) + (f"   (CPU {cpu})" if cpu is not None else ""), flush=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--shifts", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once, each pinned to one CPU; 1 = one at a time, all CPUs")
+    parser.add_argument("--score", action="store_true", help="also score best_iou.pt on test")
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("flags", nargs=argparse.REMAINDER,
+                        help="further main.py flags, after a --")
+    args = parser.parse_args()
+    args.flags = [f for f in args.flags if f != "--"]
+    name = Path(args.data).name
+    out = Path(args.out or ROOT / "trained_models" / "bench_shift" / f"{name}-{args.image_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {s: out / f"shift{s:g}" for s in args.shifts}
+
+    flags = {s: main_flags(args, s, runs[s]) for s in args.shifts}
+    todo = [s for s in args.shifts
+            if args.retrain or not finished(runs[s], flags[s], args.epochs)]
+    cpus = sorted(os.sched_getaffinity(0))[:args.parallel] if args.parallel > 1 else [None]
+    running = {}                                                    # process -> its CPU
+    while todo or running:
+        for cpu in [c for c in cpus if c not in running.values()][:len(todo)]:
+            shift = todo.pop(0)
+            running[launch(flags[shift], runs[shift], cpu)] = cpu
+        time.sleep(2)
+        for proc in [p for p in running if p.poll() is not None]:
+            if proc.returncode:
+                raise SystemExit(f"a run failed: {' '.join(proc.args)}; see its log in {out}")
+            del running[proc]
+
+    marks = sorted({e for e in (5, 10, args.epochs) if e <= args.epochs})
+    rows = {}
+    for s in args.shifts:
+        curve = val_curve(runs[s])
+        best_epoch = max(curve, key=curve.get)
+        row = {"val_iou": {e: curve.get(e) for e in marks},
+               "best_val_iou": curve[best_epoch], "best_epoch": best_epoch}
+        if args.score:
+            dice, iou, n = test_scores(runs[s] / "best_iou.pt", args.data)
+            row.update(test_dice=dice, test_iou=iou, test_images=n)
+        rows[f"{s:g}"] = row
+
+    print(f"\n{name} at {args.image_size} px, {args.epochs} epochs, seed {args.seed}; "
+          f"EMA val IoU (one sample, DDIM)")
+    head = f"{'shift':>6s} " + " ".join(f"{f'ep {e}':>7s}" for e in marks) + f" {'best (ep)':>12s}"
+    print(head + ("  test Dice  test IoU" if args.score else ""))
+    for s, r in rows.items():
+        line = (f"{s:>6s} " + " ".join(f"{r['val_iou'][e]:7.4f}" for e in marks)
+                + f" {r['best_val_iou']:7.4f} ({r['best_epoch']:2d})")
+        if args.score:
+            line += f"  {r['test_dice']:9.4f} {r['test_iou']:9.4f}"
+        print(line)
+    report = {"data": args.data, "image_size": args.image_size, "epochs": args.epochs,
+              "seed": args.seed, "flags": args.flags, "parallel": args.parallel, "runs": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
