@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,9 @@ def finished(run, flags, epochs):
 
 
 def launch(flags, run, cpu):
+    if run.exists():   # another config or an unfinished run: main.py would refuse the folder
+        print(f"replacing {run}")
+        shutil.rmtree(run)
     cmd = [sys.executable, "main.py", *flags]
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     log = open(run.parent / f"{run.name}.log", "w")
