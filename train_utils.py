@@ -135,7 +135,7 @@ def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02, shift=1.0):
     """Ho et al.'s linear schedule, rescaled so any T gives the same overall noise as T=1000."""
     scale = 1000 / timesteps
     betas = torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
-    if shift == 1.0:
+    if shift == 1:
         return betas
     alphas_cumprod = shift_alphas_cumprod(torch.cumprod(1 - betas, 0), shift)
     prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -153,8 +153,10 @@ def shift_alphas_cumprod(alphas_cumprod, shift):
     be solved by denoising the noisy mask alone, without looking at the image. shift > 1
     spends more of them at noise levels where the image is the only guide.
     """
-    if shift <= 0:
-        raise ValueError(f"schedule shift must be > 0, got {shift}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"schedule shift must be a finite number > 0, got {shift}")
+    if shift == 1:
+        return alphas_cumprod       # as published, bit for bit (no rounding through the formula)
     return alphas_cumprod / (alphas_cumprod + shift ** 2 * (1 - alphas_cumprod))
 
 
@@ -239,6 +241,8 @@ class TrainConfig:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+        if not (math.isfinite(self.schedule_shift) and self.schedule_shift > 0):
+            raise ValueError(f"schedule_shift must be a finite number > 0, got {self.schedule_shift}")
         if self.max_minutes < 0:  # `python main.py` is a demo that must end on a laptop CPU
             self.max_minutes = 8.0 if self.data is None else 0.0
         if not self.out:

@@ -4,15 +4,16 @@
         --epochs 20 --shifts 1 2 4 8 16 32 --parallel 2
 
 Trains `main.py --schedule-shift S` for each S, the same data, seed and number of epochs
-(no time limit, so every run takes the same optimiser steps), and reads each run's EMA val
-IoU (one sample, --eval-steps DDIM steps) from its metrics.csv. --score also scores each
-best_iou.pt on the test split (one sample, 25 DDIM steps, threshold 0.5).
+(no time limit and no early stop, so every run takes the same optimiser steps), and reads
+each run's EMA val IoU (one sample, --eval-steps DDIM steps) from its metrics.csv. --score
+also scores each best_iou.pt on the test split (one sample, 25 DDIM steps, threshold 0.5).
 
---parallel N runs N trainings at once, each pinned to its own CPU (one torch thread each),
-which on a small CPU machine finishes a sweep sooner than one at a time with all threads;
-the epochs, not the clock, bound each run, so the figures do not depend on it. A run
-folder that already holds a finished run of the same length is read, not retrained
-(--retrain to force). Prints a table and writes JSON beside the runs.
+--parallel N runs N trainings at once, each pinned to its own CPU with taskset (one torch
+thread each), which on a small CPU machine finishes a sweep sooner than one at a time with
+all threads; the epochs, not the clock, bound each run, so the figures do not depend on
+it. A run folder that already holds a finished run of the same config is read, not
+retrained (--retrain to force). Further main.py flags go after a `--`. Prints a table and
+writes JSON beside the runs.
 """
 import argparse
 import csv
@@ -32,7 +33,12 @@ import main as launcher  # noqa: E402
 from train_targets import test_scores  # noqa: E402
 from utils import read_checkpoint  # noqa: E402
 
-WHERE_AND_HOW = ("out", "resume", "nproc", "num_workers", "log_every")
+# config keys a finished run may differ in and still count: where and how it ran, and the
+# patience, which cannot have mattered to a run that reached the last epoch
+IGNORED_ON_REUSE = ("out", "resume", "nproc", "num_workers", "log_every", "patience")
+# flags the sweep sets itself
+OWN_FLAGS = ("--data", "--image-size", "--epochs", "--max-minutes", "--seed", "--patience",
+             "--schedule-shift", "--out", "--resume")
 
 
 def val_curve(run):
@@ -44,6 +50,7 @@ def val_curve(run):
 def main_flags(args, shift, run):
     return ["--data", args.data, "--image-size", str(args.image_size), "--epochs",
             str(args.epochs), "--max-minutes", "0", "--seed", str(args.seed),
+            "--patience", str(args.epochs + 1),     # every run trains all its epochs
             "--schedule-shift", f"{shift:g}", "--out", str(run), *args.flags]
 
 
@@ -54,7 +61,8 @@ def finished(run, flags, epochs):
         return False
     stored = read_checkpoint(run / "last.pt")["config"]
     wanted = launcher.parse_args(flags)[0].to_dict()
-    differ = [k for k in wanted if k not in WHERE_AND_HOW and stored.get(k) != wanted[k]]
+    stored["data"] = str((ROOT / stored["data"]).resolve())   # main.py ran in the repo root
+    differ = [k for k in wanted if k not in IGNORED_ON_REUSE and stored.get(k) != wanted[k]]
     return not differ and max(val_curve(run), default=0) >= epochs
 
 
@@ -63,10 +71,11 @@ def launch(flags, run, cpu):
         print(f"replacing {run}")
         shutil.rmtree(run)
     cmd = [sys.executable, "main.py", *flags]
-    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-    log = open(run.parent / f"{run.name}.log", "w")
-    print(" ".join(cmd) + (f"   (CPU {cpu})" if cpu is not None else ""), flush=True)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    print(" ".join(cmd), flush=True)
+    with open(run.parent / f"{run.name}.log", "w") as log:   # the child keeps its own copy
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main():
@@ -85,9 +94,17 @@ def main():
     parser.add_argument("flags", nargs=argparse.REMAINDER,
                         help="further main.py flags, after a --")
     args = parser.parse_args()
-    args.flags = [f for f in args.flags if f != "--"]
+    args.flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    own = [f for f in args.flags if f.split("=")[0] in OWN_FLAGS]
+    if own:
+        parser.error(f"{', '.join(own)}: set by the sweep itself (see its own flags)")
+    if args.parallel > 1 and not shutil.which("taskset"):
+        parser.error("--parallel needs taskset (util-linux) to pin each run to a CPU")
+    args.data = str(Path(args.data).resolve())   # main.py runs in the repo root
+    args.shifts = list(dict.fromkeys(args.shifts))
     name = Path(args.data).name
     out = Path(args.out or ROOT / "trained_models" / "bench_shift" / f"{name}-{args.image_size}")
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs = {s: out / f"shift{s:g}" for s in args.shifts}
 
@@ -96,15 +113,20 @@ def main():
             if args.retrain or not finished(runs[s], flags[s], args.epochs)]
     cpus = sorted(os.sched_getaffinity(0))[:args.parallel] if args.parallel > 1 else [None]
     running = {}                                                    # process -> its CPU
-    while todo or running:
-        for cpu in [c for c in cpus if c not in running.values()][:len(todo)]:
-            shift = todo.pop(0)
-            running[launch(flags[shift], runs[shift], cpu)] = cpu
-        time.sleep(2)
-        for proc in [p for p in running if p.poll() is not None]:
-            if proc.returncode:
-                raise SystemExit(f"a run failed: {' '.join(proc.args)}; see its log in {out}")
-            del running[proc]
+    try:
+        while todo or running:
+            for cpu in [c for c in cpus if c not in running.values()][:len(todo)]:
+                shift = todo.pop(0)
+                running[launch(flags[shift], runs[shift], cpu)] = cpu
+            time.sleep(2)
+            for proc in [p for p in running if p.poll() is not None]:
+                if proc.returncode:
+                    raise SystemExit(f"a run failed: {' '.join(proc.args)}; see its log in {out}")
+                del running[proc]
+    finally:   # a failure or Ctrl-C ends the other runs too
+        for proc in running:
+            proc.terminate()
+            proc.wait()
 
     marks = sorted({e for e in (5, 10, args.epochs) if e <= args.epochs})
     rows = {}
@@ -123,7 +145,8 @@ def main():
     head = f"{'shift':>6s} " + " ".join(f"{f'ep {e}':>7s}" for e in marks) + f" {'best (ep)':>12s}"
     print(head + ("  test Dice  test IoU" if args.score else ""))
     for s, r in rows.items():
-        line = (f"{s:>6s} " + " ".join(f"{r['val_iou'][e]:7.4f}" for e in marks)
+        line = (f"{s:>6s} " + " ".join(f"{r['val_iou'][e]:7.4f}" if r["val_iou"][e] is not None
+                                       else f"{'-':>7s}" for e in marks)
                 + f" {r['best_val_iou']:7.4f} ({r['best_epoch']:2d})")
         if args.score:
             line += f"  {r['test_dice']:9.4f} {r['test_iou']:9.4f}"

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from DDPM import Diffusion, ddim_timesteps, extract
-from train_utils import cosine_beta_schedule, linear_beta_schedule
+from train_utils import TrainConfig, cosine_beta_schedule, linear_beta_schedule
 
 
 def closed_form_alphas_cumprod(T, s=0.008):
@@ -51,13 +51,21 @@ def test_schedule_shift_divides_snr_by_shift_squared(schedule, shift):
     d = Diffusion(1000, schedule=schedule, shift=shift)
     assert d.shift == shift and torch.equal(d.betas, make(1000, shift=shift).float())
     assert (d.betas <= 0.999).all() and torch.isfinite(d.posterior_log_variance_clipped).all()
-    # shift 1 is the published schedule, bit for bit
-    assert torch.equal(make(1000, shift=1.0), make(1000))
+    # shift 1 is the published schedule, bit for bit: the cosine closed form, Ho's linspace
+    if schedule == "cosine":
+        assert torch.allclose(abar(make(1000, shift=1.0))[:-1],
+                              closed_form_alphas_cumprod(1000)[:-1], atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(make(1000, shift=1.0), torch.linspace(1e-4, 0.02, 1000,
+                                                                 dtype=torch.float64))
 
 
-def test_schedule_shift_must_be_positive():
+@pytest.mark.parametrize("shift", [0.0, -2.0, float("nan"), float("inf")])
+def test_schedule_shift_must_be_finite_and_positive(shift):
     with pytest.raises(ValueError, match="shift"):
-        Diffusion(100, shift=0.0)
+        Diffusion(100, shift=shift)
+    with pytest.raises(ValueError, match="schedule_shift"):
+        TrainConfig(schedule_shift=shift)
 
 
 def test_noise_image_matches_formula():

@@ -175,6 +175,9 @@ def test_schedule_shift_travels_with_the_checkpoint(tmp_path):
     assert diffusion.shift == 1.0 and config.schedule_shift == 1.0
     from utils import check_model_config
     check_model_config(state["config"], config.to_dict(), "old.pt")  # resumes: no clash
+    with pytest.raises(CheckpointError, match="schedule_shift"):   # but shift 1 != shift 2
+        check_model_config(torch.load(path, weights_only=True)["config"], config.to_dict(),
+                           "last.pt")
     # the shift defines the diffusion, so a resume may not change it
     args = TINY + ["--out", cfg.out, "--resume", "auto", "--schedule-shift", "3"]
     from train_utils import resume_config
