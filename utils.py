@@ -80,7 +80,7 @@ def build_model_and_diffusion(config):
                    dropout=config["dropout"])
     diffusion = Diffusion(config["timesteps"], schedule=config["schedule"],
                           prediction=config["prediction"],
-                          shift=config.get("schedule_shift", LATER_MODEL_KEYS["schedule_shift"]))
+                          shift=config["schedule_shift"])
     return model, diffusion
 
 

@@ -51,7 +51,7 @@ def test_schedule_shift_divides_snr_by_shift_squared(schedule, shift):
     d = Diffusion(1000, schedule=schedule, shift=shift)
     assert d.shift == shift and torch.equal(d.betas, make(1000, shift=shift).float())
     assert (d.betas <= 0.999).all() and torch.isfinite(d.posterior_log_variance_clipped).all()
-    # shift 1 is the published schedule, bit for bit: the cosine closed form, Ho's linspace
+    # shift 1 is the published schedule: the cosine closed form, Ho's linspace exactly
     if schedule == "cosine":
         assert torch.allclose(abar(make(1000, shift=1.0))[:-1],
                               closed_form_alphas_cumprod(1000)[:-1], atol=1e-6, rtol=0)
