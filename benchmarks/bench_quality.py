@@ -3,12 +3,14 @@
     python benchmarks/bench_quality.py --data ../shared/data/lung-ct-64 --minutes 10 --image-size 64
     python benchmarks/bench_quality.py --data ../shared/data/jsrt-lungs --minutes 10 --image-size 128
 
-DDPM-v2: `python main.py --max-minutes M` with the default config (plus --ddpm-flags,
-if given); best_iou.pt (EMA) is
-scored with 25 DDIM steps, one sample and a K=5 ensemble (mean fusion).
+DDPM-v2: `python main.py --max-minutes M` with the default config plus --flags and
+--ddpm-flags; best_iou.pt (EMA) is scored with one sample and a K=5 ensemble (mean fusion),
+sampled with --steps DDIM steps. Given several, e.g. `--steps 1 5 25`, the count is chosen
+on the validation split (one sample, highest Dice) and only then used on the test split.
 Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained on the same
-augmented loader with BCE + soft Dice for the same wall-clock minutes, with the same EMA; the
-EMA weights of its best validation Dice are scored. Both on the test split, threshold 0.5.
+augmented loader with BCE + soft Dice for the same wall-clock minutes, with the same EMA and
+the same --flags (batch size, learning rate, width, ...); the EMA weights of its best
+validation Dice are scored. Both on the test split, threshold 0.5.
 """
 import argparse
 import json
@@ -25,10 +27,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import main as launcher  # noqa: E402
 from dataset import ContourDataset, build_datasets, make_loader, set_epoch  # noqa: E402
 from evaluate import predict  # noqa: E402
 from model import UNet2D  # noqa: E402
-from train_utils import EMA, TrainConfig, seed_everything, soft_dice_loss  # noqa: E402
+from train_utils import EMA, seed_everything, soft_dice_loss  # noqa: E402
 from utils import load_checkpoint, mask_metrics, overlap_scores  # noqa: E402
 
 
@@ -97,40 +100,64 @@ def score(predict_fn, test, batch_size=32):
     return {"dice": mean("dice"), "iou": mean("iou"), "hd95": mean("hd95")}
 
 
+def choose_steps(model, diffusion, cfg, candidates, seed):
+    """The DDIM step count among `candidates` with the highest one-sample Dice on the
+    validation split, and {steps: Dice} for each (empty when there is only one)."""
+    if len(candidates) == 1:
+        return candidates[0], {}
+    val = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                         val_fraction=cfg.val_fraction, seed=cfg.seed, augment=False)["val"]
+    dice = {}
+    for steps in candidates:
+        generator = torch.Generator().manual_seed(seed)
+        dice[steps] = score(lambda image: predict(model, diffusion, image, steps,
+                                                  generator=generator)[0], val)["dice"]
+    return max(candidates, key=lambda s: dice[s]), dice
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, nargs="+", default=[25],
+                        help="DDIM steps for DDPM-v2; several = chosen on the val split")
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--flags", default="",
+                        help='main.py training flags for both models (the baseline reads '
+                             'the data, optimiser, EMA and model ones), one string: '
+                             '--flags="--batch-size 8"')
     parser.add_argument("--ddpm-flags", default="",
-                        help='further main.py training flags for DDPM-v2 (not ones that '
-                             'change the model, which the baseline shares), one string: '
+                        help='further main.py training flags for DDPM-v2 only (diffusion, '
+                             'loss terms, validation), one string: '
                              '--ddpm-flags="--loss-boundary 1 --eval-every 2"')
     args = parser.parse_args()
-    ddpm_flags = shlex.split(args.ddpm_flags)
+    flags, ddpm_flags = shlex.split(args.flags), shlex.split(args.ddpm_flags)
     name = Path(args.data).name
     out = Path(args.out or ROOT / "trained_models" / "bench_quality" / f"{name}-{args.image_size}")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(data=args.data, image_size=args.image_size, seed=args.seed,
-                      out=str(out / "ddpm"))
+    cfg, _ = launcher.parse_args(["--data", args.data, "--image-size", str(args.image_size),
+                                  "--seed", str(args.seed), "--out", str(out / "ddpm"), *flags])
     test = ContourDataset(args.data, split="test", image_size=args.image_size,
                           channels=cfg.channels)
 
     subprocess.run([sys.executable, "main.py", "--data", args.data, "--image-size",
                     str(args.image_size), "--max-minutes", str(args.minutes), "--seed",
-                    str(args.seed), "--out", str(out / "ddpm"), *ddpm_flags], cwd=ROOT,
+                    str(args.seed), "--out", str(out / "ddpm"), *flags, *ddpm_flags], cwd=ROOT,
                    check=True)
     model, diffusion, _ = load_checkpoint(out / "ddpm" / "best_iou.pt")
+    steps, val_dice = choose_steps(model, diffusion, cfg, args.steps, args.seed)
+    if len(args.steps) > 1:
+        print("DDIM steps by val Dice (one sample): "
+              + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items()) + f"; using {steps}")
     generator = torch.Generator().manual_seed(args.seed)
     results = {}
     for k in (1, args.ensemble):
         results[f"DDPM-v2 K={k}"] = score(
-            lambda image: predict(model, diffusion, image, args.steps, ensemble=k,
+            lambda image: predict(model, diffusion, image, steps, ensemble=k,
                                   generator=generator)[0], test)
 
     baseline, info = train_baseline(cfg, args.minutes)
@@ -138,12 +165,13 @@ def main():
         results["U-Net (BCE + Dice)"] = score(lambda image: torch.sigmoid(baseline(image)), test)
 
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
-          f"{len(test)} test images")
+          f"{len(test)} test images, DDPM-v2 sampled with {steps} DDIM steps")
     print(f"{'model':20s} {'Dice':>7s} {'IoU':>7s} {'HD95 px':>8s}")
     for model_name, r in results.items():
         print(f"{model_name:20s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}")
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
-              "seed": args.seed, "steps": args.steps, "ddpm_flags": ddpm_flags,
+              "seed": args.seed, "steps": steps, "val_dice_by_steps": val_dice, "flags": flags,
+              "ddpm_flags": ddpm_flags,
               "results": results,
               "baseline_training": info, "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
