@@ -58,7 +58,7 @@ def train_baseline(cfg, minutes):
     val = torch.utils.data.DataLoader(data["val"], batch_size=64)
     model = Deterministic(cfg)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     best_dice, best_state, step, epoch = -1.0, None, 0, 0
