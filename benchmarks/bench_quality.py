@@ -102,7 +102,8 @@ def score(predict_fn, test, batch_size=32):
 
 def choose_steps(model, diffusion, cfg, candidates, seed):
     """The DDIM step count among `candidates` with the highest one-sample Dice on the
-    validation split, and {steps: Dice} for each (empty when there is only one)."""
+    validation split the run held back (from its config `cfg`), and {steps: Dice} for each
+    (empty when there is only one)."""
     if len(candidates) == 1:
         return candidates[0], {}
     val = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
@@ -148,8 +149,8 @@ def main():
                     str(args.image_size), "--max-minutes", str(args.minutes), "--seed",
                     str(args.seed), "--out", str(out / "ddpm"), *flags, *ddpm_flags], cwd=ROOT,
                    check=True)
-    model, diffusion, _ = load_checkpoint(out / "ddpm" / "best_iou.pt")
-    steps, val_dice = choose_steps(model, diffusion, cfg, args.steps, args.seed)
+    model, diffusion, ddpm_cfg = load_checkpoint(out / "ddpm" / "best_iou.pt")
+    steps, val_dice = choose_steps(model, diffusion, ddpm_cfg, args.steps, args.seed)
     if len(args.steps) > 1:
         print("DDIM steps by val Dice (one sample): "
               + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items()) + f"; using {steps}")

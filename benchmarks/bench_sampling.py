@@ -75,10 +75,11 @@ def main():
                 None)
     print(f"\n{'sampler':9s} {'steps':>5s} {'K':>2s} {'Dice':>7s} {'s/image':>9s} {'speed-up':>9s}")
     for r in rows:
-        speedup = base["seconds_per_image"] / r["seconds_per_image"] if base else float("nan")
-        r["speedup_vs_ancestral"] = speedup
+        speedup = base["seconds_per_image"] / r["seconds_per_image"] if base else None
+        r["speedup_vs_ancestral"] = speedup    # None (JSON null) without an ancestral row
         print(f"{r['sampler']:9s} {r['steps']:5d} {r['samples']:2d} {r['dice']:7.4f} "
-              f"{r['seconds_per_image']:9.4f} {speedup:9.1f}")
+              f"{r['seconds_per_image']:9.4f} "
+              + (f"{speedup:9.1f}" if speedup is not None else f"{'-':>9s}"))
     result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split,
               "images": len(data), "device": args.device, "amp": args.amp,
               "torch_threads": torch.get_num_threads(), "rows": rows}
