@@ -11,6 +11,10 @@ Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained o
 augmented loader with BCE + soft Dice for the same wall-clock minutes, with the same EMA and
 the same --flags (batch size, learning rate, width, ...); the EMA weights of its best
 validation Dice are scored. Both on the test split, threshold 0.5.
+
+The baseline trains in fp32 on the CPU: the comparison is meant for a CPU machine. On a GPU
+box, hide the GPU (CUDA_VISIBLE_DEVICES=) or DDPM-v2 gets it and the baseline does not.
+Each bench_quality run needs its own --out (main.py refuses a folder that holds a run).
 """
 import argparse
 import json
@@ -33,6 +37,9 @@ from evaluate import predict  # noqa: E402
 from model import UNet2D  # noqa: E402
 from train_utils import EMA, seed_everything, soft_dice_loss  # noqa: E402
 from utils import load_checkpoint, mask_metrics, overlap_scores  # noqa: E402
+
+# main.py flags the benchmark sets itself, for both models
+OWN_FLAGS = ("--data", "--image-size", "--seed", "--out", "--max-minutes", "--resume")
 
 
 class Deterministic(torch.nn.Module):
@@ -103,7 +110,7 @@ def score(predict_fn, test, batch_size=32):
 def choose_steps(model, diffusion, cfg, candidates, seed):
     """The DDIM step count among `candidates` with the highest one-sample Dice on the
     validation split the run held back (from its config `cfg`), and {steps: Dice} for each
-    (empty when there is only one)."""
+    (empty when there is only one). Ties go to the fewer steps."""
     if len(candidates) == 1:
         return candidates[0], {}
     val = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
@@ -113,7 +120,7 @@ def choose_steps(model, diffusion, cfg, candidates, seed):
         generator = torch.Generator().manual_seed(seed)
         dice[steps] = score(lambda image: predict(model, diffusion, image, steps,
                                                   generator=generator)[0], val)["dice"]
-    return max(candidates, key=lambda s: dice[s]), dice
+    return max(sorted(candidates), key=lambda s: dice[s]), dice
 
 
 def main():
@@ -129,16 +136,23 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--flags", default="",
                         help='main.py training flags for both models (the baseline reads '
-                             'the data, optimiser, EMA and model ones), one string: '
+                             'the data, batch, optimiser, EMA and model ones, not '
+                             '--num-workers/--amp/--compile), one string: '
                              '--flags="--batch-size 8"')
     parser.add_argument("--ddpm-flags", default="",
                         help='further main.py training flags for DDPM-v2 only (diffusion, '
-                             'loss terms, validation), one string: '
+                             'loss terms, validation; not ones that change the backbone, '
+                             'which go in --flags), one string: '
                              '--ddpm-flags="--loss-boundary 1 --eval-every 2"')
     args = parser.parse_args()
     flags, ddpm_flags = shlex.split(args.flags), shlex.split(args.ddpm_flags)
+    own = [f for f in flags + ddpm_flags if f.split("=")[0] in OWN_FLAGS]
+    if own:
+        parser.error(f"{', '.join(own)}: set by the benchmark itself (see its own flags)")
+    args.data = str(Path(args.data).resolve())   # main.py runs in the repo root
     name = Path(args.data).name
     out = Path(args.out or ROOT / "trained_models" / "bench_quality" / f"{name}-{args.image_size}")
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg, _ = launcher.parse_args(["--data", args.data, "--image-size", str(args.image_size),
                                   "--seed", str(args.seed), "--out", str(out / "ddpm"), *flags])
@@ -154,9 +168,9 @@ def main():
     if len(args.steps) > 1:
         print("DDIM steps by val Dice (one sample): "
               + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items()) + f"; using {steps}")
-    generator = torch.Generator().manual_seed(args.seed)
     results = {}
     for k in (1, args.ensemble):
+        generator = torch.Generator().manual_seed(args.seed)   # as bench_sampling: per setting
         results[f"DDPM-v2 K={k}"] = score(
             lambda image: predict(model, diffusion, image, steps, ensemble=k,
                                   generator=generator)[0], test)
