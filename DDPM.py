@@ -7,14 +7,80 @@ Read beside
   Salimans & Ho 2022, "Progressive Distillation"                   (v-prediction)
 
 Masks live in diffusion space [-1, 1]: x0 = 2 * mask - 1. The model sees the noisy mask
-concatenated with the conditioning image, `model(torch.cat([x_t, image], 1), t)`, with `t`
+concatenated with the conditioning image, `model(model_input(x_t, image), t)`, with `t`
 the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v.
+
+This file imports no other file of the project: a notebook that only samples needs it and
+`model.py`, not the trainer.
 """
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 PREDICTION_TYPES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
+
+
+# ------------------------------------------------------------------ noise schedules
+def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999, shift=1.0):
+    """Improved-DDPM eq. 17: abar(t) = cos^2(((t/T) + s) / (1 + s) * pi/2), normalised so
+    abar(0) = 1, and beta_t = min(1 - abar(t+1)/abar(t), max_beta). Float64, shape (T,).
+
+    max_beta stops the last step from being a certain jump to pure noise (beta = 1).
+    shift: see shift_alphas_cumprod; 1 = the schedule as published.
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)
+    f = torch.cos(((steps / timesteps) + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = shift_alphas_cumprod(f / f[0], shift)
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02, shift=1.0):
+    """Ho et al.'s linear schedule, rescaled so any T gives the same overall noise as T=1000."""
+    scale = 1000 / timesteps
+    betas = torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+    if shift == 1:
+        return betas
+    alphas_cumprod = shift_alphas_cumprod(torch.cumprod(1 - betas, 0), shift)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return 1 - alphas_cumprod / prev
+
+
+def shift_alphas_cumprod(alphas_cumprod, shift):
+    """Lower the log signal-to-noise ratio of every step by 2 ln(shift) (Hoogeboom et al.
+    2023, "simple diffusion", shifted schedules; Chen 2023, "On the importance of noise
+    scheduling", input scaling): SNR' = SNR / shift^2, i.e. abar' = abar / (abar + shift^2
+    (1 - abar)). The ends stay put (abar' = 1 at abar = 1 and 0 at 0).
+
+    Why: a mask is nearly all low frequency, so at a given abar a large mask keeps far more
+    of its shape than a small natural image does, and with shift 1 most training steps can
+    be solved by denoising the noisy mask alone, without looking at the image. shift > 1
+    spends more of them at noise levels where the image is the only guide.
+    """
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"schedule shift must be a finite number > 0, got {shift}")
+    if shift == 1:
+        return alphas_cumprod       # as published, bit for bit (no rounding through the formula)
+    return alphas_cumprod / (alphas_cumprod + shift ** 2 * (1 - alphas_cumprod))
+
+
+def get_beta_schedule(name, timesteps, shift=1.0):
+    """The betas of a named schedule ("cosine" or "linear"), float64, shape (T,)."""
+    if name == "cosine":
+        return cosine_beta_schedule(timesteps, shift=shift)
+    if name == "linear":
+        return linear_beta_schedule(timesteps, shift=shift)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+
+
+def model_input(x_t, image):
+    """What the denoiser sees: the noisy mask and the conditioning image stacked on the
+    channel axis, (B, M, H, W) + (B, C, H, W) -> (B, M + C, H, W). The one place that
+    builds it (training, validation and sampling all call this)."""
+    return torch.cat([x_t, image.to(x_t.dtype)], dim=1)
+
 
 
 def extract(arr, t, shape):
@@ -64,10 +130,7 @@ class Diffusion:
         self.prediction = prediction
         self.shift = float(shift)
 
-        # imported here: train_utils imports this module, and the schedules belong there
-        from train_utils import cosine_beta_schedule, linear_beta_schedule
-        make_betas = cosine_beta_schedule if schedule == "cosine" else linear_beta_schedule
-        betas = make_betas(self.num_timesteps, shift=self.shift).double()
+        betas = get_beta_schedule(schedule, self.num_timesteps, shift=self.shift).double()
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -183,8 +246,7 @@ class Diffusion:
     # ------------------------------------------------------------------- samplers
     def _model_output(self, model, x_t, image, t):
         dtype = next(model.parameters()).dtype
-        x_in = torch.cat([x_t, image], dim=1).to(dtype)     # (B, 1 + C, H, W)
-        return model(x_in, t).float()                         # (B, 1, H, W)
+        return model(model_input(x_t, image).to(dtype), t).float()   # (B, 1, H, W)
 
     def p_sample_step(self, model, x_t, image, t_int, generator=None):
         """One ancestral step x_t -> x_{t-1} (Ho Algorithm 2, posterior variance).

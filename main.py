@@ -5,7 +5,7 @@
     torchrun --standalone --nproc_per_node=2 main.py --data DIR
     python main.py --nproc 2                         # two CPU processes (gloo) on a CPU box
 
-Every field of train_utils.TrainConfig is a --kebab-case flag; `--help` lists them.
+Every field of TrainConfig (utils.py) is a --kebab-case flag; `--help` lists them.
 """
 import argparse
 import dataclasses
@@ -20,9 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dataset import available_cpus
-from train_utils import (NonFiniteLossError, RunFolderError, TrainConfig, resume_config,
-                         train)
-from utils import CheckpointError, print0
+from train_utils import NonFiniteLossError, RunFolderError, train
+from utils import CheckpointError, TrainConfig, print0, resume_config
 
 
 def build_parser():
@@ -72,9 +71,11 @@ def worker(local_rank, world_size, cfg, explicit, port):
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # before init_process_group, so NCCL picks it up
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before init_process_group, so NCCL picks it up
         backend = "nccl"
     else:
+        device = torch.device("cpu")
         torch.set_num_threads(max(1, available_cpus() // local_world))
         backend = "gloo"
     distributed = int(os.environ.get("WORLD_SIZE", world_size)) > 1
@@ -83,7 +84,7 @@ def worker(local_rank, world_size, cfg, explicit, port):
             dist.init_process_group(backend)
         cfg, checkpoint = resume_config(cfg, explicit)
         print0("config:", cfg.to_dict())
-        return train(cfg, resume_from=checkpoint)
+        return train(cfg, resume_from=checkpoint, device=device)
     except (CheckpointError, FileExistsError, ValueError, RunFolderError,
             NonFiniteLossError) as e:
         # a user mistake: one clear line, no traceback wall

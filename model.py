@@ -1,14 +1,25 @@
-"""UNet2D: the noise model. Input: the noisy mask concatenated with the image; output: one map.
+"""The noise models (backbones). Input: the noisy mask concatenated with the image; output:
+the mask-shaped prediction. Every backbone has `forward(x_in, t)`, with x_in (B, in_channels,
+H, W) and t (B,) integer timesteps in 0..T-1.
 
 Read top-down: the parts (`TimestepEmbedding`, `ResBlock`, `AttentionBlock`, `Downsample`,
-`Upsample`) first, then `UNet2D`, which stacks them. The timestep enters every residual block
-as a per-channel scale and shift after its second GroupNorm (improved-DDPM's "scale-shift").
+`Upsample`) first, then `UNet2D`, which stacks them, then `EncoderUNet`, a UNet decoder on a
+torchvision encoder, and `MODELS`, the registry `--model NAME` picks from. The timestep
+enters every residual block as a per-channel scale and shift after its second GroupNorm
+(improved-DDPM's "scale-shift").
+
+Bring your own: any nn.Module built as `make(in_channels=..., out_channels=...)` with that
+forward, registered as `MODELS["mine"] = make`, then `--model mine`.
 """
+import copy
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def _num_groups(channels):
@@ -219,18 +230,125 @@ class PatchDiscriminator(nn.Module):
         return self.net(torch.cat([mask * 2 - 1, image], dim=1))
 
 
+class EncoderUNet(nn.Module):
+    """A UNet whose encoder is a torchvision classification network (random init), for
+    `forward(x_in, t)` like UNet2D.
+
+    encoder: "convnext_tiny" (Liu et al. 2022; LayerNorm, stride-4 patchify stem) or
+        "resnet18" (He et al. 2016, its BatchNorm replaced by GroupNorm, which neither
+        depends on the batch size nor needs syncing across processes).
+    The encoder's first convolution is rebuilt for `in_channels`. The timestep enters the
+    encoder as a per-channel scale and shift after each of its stages (zero-initialised, so
+    training starts from the plain encoder) and every decoder block as in UNet2D. The
+    decoder climbs back one encoder stage at a time (upsample, concatenate the stage's
+    output, ResBlock); a full-resolution stem on the input gives it the last skip, so the
+    output keeps the pixel detail the encoder's strided first layer gives up. H and W must
+    be divisible by 32.
+    """
+
+    ENCODERS = ("convnext_tiny", "resnet18")
+
+    def __init__(self, in_channels=2, out_channels=1, encoder="convnext_tiny",
+                 stem_channels=32, emb_channels=256):
+        super().__init__()
+        if encoder not in self.ENCODERS:
+            raise ValueError(f"encoder must be one of {self.ENCODERS}, got {encoder!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.time_embed = TimestepEmbedding(64, emb_channels)
+        self.stem = nn.Conv2d(in_channels, stem_channels, 3, padding=1)
+        self.stem_block = ResBlock(stem_channels, stem_channels, emb_channels)
+        self.stages, widths = _encoder_stages(encoder, in_channels)          # coarser each
+        self.films = nn.ModuleList(nn.Linear(emb_channels, 2 * w) for w in widths)
+        for film in self.films:
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
+        skips = [stem_channels, *widths[:-1]]                               # fine -> coarse
+        self.up = nn.ModuleList()
+        ch = widths[-1]
+        for skip in reversed(skips):
+            self.up.append(ResBlock(ch + skip, skip, emb_channels))
+            ch = skip
+        self.head = nn.Sequential(nn.GroupNorm(_num_groups(ch), ch), nn.SiLU(),
+                                  nn.Conv2d(ch, out_channels, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def check_size(self, h, w):
+        if h % 32 or w % 32 or h == 0 or w == 0:
+            raise ValueError(f"EncoderUNet needs H and W divisible by 32 (e.g. 64, 128, 256); "
+                             f"got {h}x{w}. Resize the images (--image-size).")
+
+    def forward(self, x_in, t):
+        self.check_size(*x_in.shape[-2:])
+        emb = self.time_embed(t).to(x_in.dtype)                          # (B, emb)
+        h = self.stem_block(self.stem(x_in), emb)                         # (B, stem, H, W)
+        skips = [h]
+        h = x_in
+        for stage, film in zip(self.stages, self.films):
+            h = stage(h)                                                  # (B, C_i, H/s, W/s)
+            scale, shift = film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+            skips.append(h)
+        skips.pop()                                                       # the deepest is h
+        for block in self.up:
+            skip = skips.pop()
+            h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb)
+        return self.head(h)                                               # (B, out, H, W)
+
+
+def _encoder_stages(name, in_channels):
+    """A torchvision network cut into stages that each lower the resolution, its first
+    convolution rebuilt for `in_channels`: (ModuleList of stages, output width of each)."""
+    if name == "convnext_tiny":
+        features = torchvision.models.convnext_tiny(weights=None).features
+        first = features[0][0]                                        # 4x4 stride-4 patchify
+        features[0][0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size,
+                                   first.stride)
+        # features: stem, stage 1, downsample, stage 2, ... -> 1/4, 1/8, 1/16, 1/32
+        stages = [nn.Sequential(features[i], features[i + 1]) for i in range(0, 8, 2)]
+        return nn.ModuleList(stages), [96, 192, 384, 768]
+    net = torchvision.models.resnet18(
+        weights=None, norm_layer=lambda c: nn.GroupNorm(_num_groups(c), c))
+    net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    stages = [nn.Sequential(net.conv1, net.bn1, net.relu),           # 1/2
+              nn.Sequential(net.maxpool, net.layer1),                # 1/4
+              net.layer2, net.layer3, net.layer4]                    # 1/8, 1/16, 1/32
+    return nn.ModuleList(stages), [64, 64, 128, 256, 512]
+
+
+# Backbones by name, for --model NAME. Each entry is called as
+# make(in_channels=..., out_channels=...) and builds with its own defaults for the rest;
+# register your own with MODELS["mine"] = MyNet (or functools.partial(MyNet, width=64)).
+MODELS = {
+    "unet2d": UNet2D,
+    "convnext_tiny": partial(EncoderUNet, encoder="convnext_tiny"),
+    "resnet18": partial(EncoderUNet, encoder="resnet18"),
+}
+
+
+def build_model(name, in_channels, out_channels, **opts):
+    """MODELS[name](in_channels=..., out_channels=..., **opts), or a clear error naming the
+    registered backbones."""
+    if name not in MODELS:
+        raise ValueError(f"no backbone named {name!r} in model.MODELS (registered: "
+                         f"{', '.join(sorted(MODELS))}). A backbone of your own must be "
+                         f"registered in this process first: model.MODELS[{name!r}] = MyNet")
+    return MODELS[name](in_channels=in_channels, out_channels=out_channels, **opts)
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def estimate_flops(model, image_size, batch_size=1):
+def estimate_flops(model, image_size, batch_size=1, in_channels=None):
     """FLOPs of one forward pass (2 per multiply-add) at `image_size`, counted by
     `torch.utils.flop_counter` on meta tensors (convolutions, linears, attention matmuls;
-    norms and activations, a few percent, are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    norms and activations, a few percent, are not counted). in_channels: default the
+    model's `in_channels` attribute."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     meta = _meta_copy(model)
-    x = torch.zeros(batch_size, model.in_channels, h, w, device="meta")
+    x = torch.zeros(batch_size, in_channels or model.in_channels, h, w, device="meta")
     t = torch.zeros(batch_size, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as counter:
         meta(x, t)
@@ -238,7 +356,6 @@ def estimate_flops(model, image_size, batch_size=1):
 
 
 def _meta_copy(model):
-    import copy
     with torch.device("meta"):
         clone = copy.deepcopy(model).to("meta")
     return clone

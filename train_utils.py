@@ -1,31 +1,35 @@
-"""Training: noise schedules, the loss, EMA, and the AMP + EMA + IoU-early-stop loop `train()`.
+"""Training: the loss, EMA, and the AMP + EMA + IoU-early-stop loop `train()`.
 
 `loss_fn` below is the one place to edit when adding loss terms. Everything the loop does
-is driven by one `TrainConfig`; `main.py` turns its fields into command-line flags.
+is driven by one `TrainConfig` (in utils.py, the checkpoint's schema); `main.py` turns its
+fields into command-line flags. `train()` is at the bottom, built from the named steps
+above it: set-up (`build_loaders`, `build_state`), `restore`, `train_step`,
+`validate_and_record`, `save_run`.
 """
 import copy
 import csv
-import dataclasses
 import math
 import os
-import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (CHECKPOINT_VERSION, MODEL_KEYS, CheckpointError,
-                   build_model_and_diffusion, check_finite, check_model_config, is_main,
-                   overlap_scores, previous_checkpoint, print0, read_checkpoint,
-                   save_checkpoint, save_images, unwrap)
+from dataset import WithDistanceMaps, build_datasets, make_loader, set_epoch, signed_distance_map
+from DDPM import Diffusion, model_input
+from DDPM import cosine_beta_schedule, linear_beta_schedule  # noqa: F401  (the original README imports them from here)
+from model import PatchDiscriminator
+from utils import (CheckpointError, Progress, TrainConfig, build_model_and_diffusion,  # noqa: F401  (TrainConfig: notebooks import it from here)
+                   checkpoint_state, find_resume_checkpoint, is_main, overlap_scores, print0,
+                   restore_checkpoint, save_checkpoint, save_images, seed_everything,
+                   set_rng_state, unwrap)
 from utils import rank as get_rank, world_size as get_world_size
 
 
@@ -94,7 +98,6 @@ def hausdorff_dt_loss(pred, mask, signed_distance, alpha=2.0):
     mean of (p - g)^2 * (d_g^alpha + d_p^alpha), d the distance to each mask's boundary.
     d_g comes from the data pipeline; d_p of the thresholded prediction is computed here,
     without gradient, on the CPU (scipy), once per step."""
-    from dataset import signed_distance_map
     with torch.no_grad():
         pred_distance = torch.stack([signed_distance_map(p > 0.5) for p in pred.detach().cpu()])
     pred_distance = pred_distance.to(pred.device).abs()
@@ -114,215 +117,6 @@ def discriminator_loss(real_logits, fake_logits, kind):
     if kind == "hinge":
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-
-
-# ------------------------------------------------------------- noise schedules
-def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999, shift=1.0):
-    """Improved-DDPM eq. 17: abar(t) = cos^2(((t/T) + s) / (1 + s) * pi/2), normalised so
-    abar(0) = 1, and beta_t = min(1 - abar(t+1)/abar(t), max_beta). Float64, shape (T,).
-
-    max_beta stops the last step from being a certain jump to pure noise (beta = 1).
-    shift: see shift_alphas_cumprod; 1 = the schedule as published.
-    """
-    steps = torch.arange(timesteps + 1, dtype=torch.float64)
-    f = torch.cos(((steps / timesteps) + s) / (1 + s) * math.pi / 2) ** 2
-    alphas_cumprod = shift_alphas_cumprod(f / f[0], shift)
-    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
-    return betas.clamp(max=max_beta)
-
-
-def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02, shift=1.0):
-    """Ho et al.'s linear schedule, rescaled so any T gives the same overall noise as T=1000."""
-    scale = 1000 / timesteps
-    betas = torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
-    if shift == 1:
-        return betas
-    alphas_cumprod = shift_alphas_cumprod(torch.cumprod(1 - betas, 0), shift)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return 1 - alphas_cumprod / prev
-
-
-def shift_alphas_cumprod(alphas_cumprod, shift):
-    """Lower the log signal-to-noise ratio of every step by 2 ln(shift) (Hoogeboom et al.
-    2023, "simple diffusion", shifted schedules; Chen 2023, "On the importance of noise
-    scheduling", input scaling): SNR' = SNR / shift^2, i.e. abar' = abar / (abar + shift^2
-    (1 - abar)). The ends stay put (abar' = 1 at abar = 1 and 0 at 0).
-
-    Why: a mask is nearly all low frequency, so at a given abar a large mask keeps far more
-    of its shape than a small natural image does, and with shift 1 most training steps can
-    be solved by denoising the noisy mask alone, without looking at the image. shift > 1
-    spends more of them at noise levels where the image is the only guide.
-    """
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"schedule shift must be a finite number > 0, got {shift}")
-    if shift == 1:
-        return alphas_cumprod       # as published, bit for bit (no rounding through the formula)
-    return alphas_cumprod / (alphas_cumprod + shift ** 2 * (1 - alphas_cumprod))
-
-
-# ----------------------------------------------------------------- the config
-def _opt(default, help, **kw):
-    """A config field with its --help text (and argparse choices, if any)."""
-    if isinstance(default, tuple):
-        return field(default_factory=lambda: default, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run. Each field is a --kebab-case flag of main.py."""
-    # data
-    data: Optional[str] = _opt(None, "image/mask folder (<root>/<split>/images|masks); "
-                                     "absent: the built-in synthetic contours")
-    image_size: int = _opt(64, "images and masks are resized to this square size")
-    channels: int = _opt(1, "image channels the model sees: 1 grey, 3 RGB")
-    augment: bool = _opt(True, "flips, small affine and intensity jitter on training images")
-    val_fraction: float = _opt(0.1, "fraction of train held back when the data has no val split")
-    num_workers: int = _opt(-1, "data loader workers per process; -1 picks a default")
-    synthetic_train: int = _opt(1000, "training images of the synthetic set")
-    synthetic_val: int = _opt(100, "validation images of the synthetic set")
-    synthetic_test: int = _opt(100, "test images of the synthetic set")
-    # model
-    base_channels: int = _opt(16, "UNet width at full resolution")
-    channel_mults: tuple = _opt((1, 2, 4, 8), "width multiplier per UNet level")
-    num_res_blocks: int = _opt(1, "residual blocks per UNet level")
-    attention_resolutions: tuple = _opt((8,), "downsampling factors with self-attention")
-    dropout: float = _opt(0.0, "dropout in residual blocks")
-    # diffusion
-    timesteps: int = _opt(1000, "diffusion steps T")
-    schedule: str = _opt("cosine", "noise schedule", choices=("cosine", "linear"))
-    schedule_shift: float = _opt(1.0, "divide the schedule's signal-to-noise ratio by "
-                                      "shift^2 at every step; > 1 = noisier (large masks)")
-    prediction: str = _opt("x0", "what the UNet predicts", choices=("eps", "x0", "v"))
-    # optimisation
-    epochs: int = _opt(100, "maximum epochs")
-    batch_size: int = _opt(16, "global batch size, split across processes")
-    lr: float = _opt(1e-3, "AdamW learning rate after warm-up")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup_steps: int = _opt(100, "steps of linear learning-rate warm-up")
-    grad_clip: float = _opt(1.0, "gradient-norm clip; 0 = off")
-    ema_decay: float = _opt(0.999, "EMA decay of the weights")
-    ema_warmup: int = _opt(10, "EMA decay is min(decay, (1+step)/(warmup+step)); 0 = off")
-    amp: str = _opt("auto", "mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, "
-                            "off on CPU", choices=("auto", "bf16", "fp16", "off"))
-    compile: bool = _opt(False, "torch.compile the model")
-    channels_last: bool = _opt(True, "NHWC memory layout on CUDA")
-    # evaluation and stopping
-    eval_every: int = _opt(1, "epochs between validations")
-    eval_steps: int = _opt(10, "DDIM steps for validation IoU")
-    patience: int = _opt(10, "validations without val IoU gain before stopping")
-    min_delta: float = _opt(1e-3, "smallest val IoU gain that restarts the patience count "
-                                  "(best_iou.pt follows any gain)")
-    max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
-                                    "-1 = 8 for the synthetic demo, none with --data")
-    num_vis: int = _opt(4, "validation images in each sample picture")
-    # run
-    seed: int = _opt(0, "random seed")
-    out: str = _opt("", "run folder; empty = trained_models/<data name>-<image size>")
-    resume: str = _opt("", "'auto' (the run folder's last.pt, if any) or a checkpoint path")
-    nproc: int = _opt(1, "CPU processes when there is no GPU")
-    save_every: int = _opt(1, "epochs between last.pt saves")
-    max_nonfinite_steps: int = _opt(10, "consecutive skipped non-finite steps before "
-                                        "training gives up")
-    # extra loss terms on the predicted mask (see loss_fn); weights, 0 = off
-    loss_dice: float = _opt(0.0, "weight of the soft Dice term")
-    loss_boundary: float = _opt(0.0, "weight of the boundary loss (Kervadec et al. 2019)")
-    loss_hausdorff: float = _opt(0.0, "weight of the Hausdorff distance-transform loss")
-    loss_adversarial: float = _opt(0.0, "weight of the PatchGAN adversarial term")
-    adversarial_loss: str = _opt("hinge", "adversarial objective",
-                                 choices=("hinge", "nonsaturating"))
-    disc_lr: float = _opt(2e-4, "learning rate of the discriminator")
-    log_every: int = _opt(10, "steps between loss logs")
-
-    def __post_init__(self):
-        self.channel_mults = tuple(self.channel_mults)
-        self.attention_resolutions = tuple(self.attention_resolutions)
-        for f in dataclasses.fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
-        if not (math.isfinite(self.schedule_shift) and self.schedule_shift > 0):
-            raise ValueError(f"schedule_shift must be a finite number > 0, got {self.schedule_shift}")
-        if self.max_minutes < 0:  # `python main.py` is a demo that must end on a laptop CPU
-            self.max_minutes = 8.0 if self.data is None else 0.0
-        if not self.out:
-            name = Path(self.data).name if self.data else "synthetic"
-            self.out = str(Path("trained_models") / f"{name}-{self.image_size}")
-
-    def to_dict(self):
-        """Plain types only (lists, not tuples), so torch.load(weights_only=True) reads it."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}")
-        return cls(**d)
-
-
-# Settings a resumed run may change from the command line without breaking its meaning.
-RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience", "eval_every")
-
-
-def resume_config(cfg, explicit):
-    """The config a resumed run uses: the stored one, with the run-length flags the user
-    gave (`explicit`) on top. A flag that changes the model or diffusion is an error.
-    Returns (config, path of the checkpoint); a fresh run returns (cfg, None)."""
-    path = find_resume_checkpoint(cfg)
-    if path is None:
-        return cfg, None
-    stored = TrainConfig.from_dict(read_checkpoint(path)["config"]).to_dict()
-    current = cfg.to_dict()
-    clash = [k for k in MODEL_KEYS if k in explicit and current[k] != stored[k]]
-    if clash:
-        raise CheckpointError(
-            f"cannot resume {path} with a different model or diffusion: "
-            + ", ".join(f"--{k.replace('_', '-')} {current[k]} (run has {stored[k]})"
-                        for k in clash) + ". Start a new run with another --out.")
-    # run-length flags override; so do where-and-how flags (out, resume, nproc, workers)
-    for k in (*RUN_LENGTH_KEYS, "out", "resume", "nproc", "num_workers", "log_every"):
-        if k in explicit or k in ("out", "resume"):
-            stored[k] = current[k]
-    ignored = [k for k in explicit if k not in stored or
-               (stored[k] != current[k] and k not in MODEL_KEYS)]
-    if ignored:
-        print0(f"resume: keeping the run's stored {', '.join(sorted(ignored))}; "
-               f"only {', '.join(RUN_LENGTH_KEYS)} can change on resume")
-    return TrainConfig.from_dict(stored), path
-
-
-def find_resume_checkpoint(cfg):
-    """The checkpoint `cfg.resume` names. "auto": the run folder's last.pt, or, when that is
-    missing, truncated or corrupt, the last_prev.pt kept beside it (the bad file is renamed
-    *.corrupt so the next save cannot displace the good one). None for a fresh start."""
-    if not cfg.resume:
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        read_checkpoint(path)  # a clear error now for a missing, corrupt or unsafe file
-        return path
-    last = Path(cfg.out) / "last.pt"
-    candidates = [p for p in (last, previous_checkpoint(last)) if p.is_file()]
-    errors = []
-    for path in candidates:
-        try:
-            read_checkpoint(path)
-        except CheckpointError as e:
-            errors.append(str(e))
-            print0(f"resume: {e}")
-            if is_main():
-                os.replace(path, path.with_name(path.name + ".corrupt"))
-            continue
-        if errors:
-            print0(f"resume: falling back to the previous checkpoint {path}")
-        return path
-    if errors:
-        raise CheckpointError(f"no usable checkpoint to resume in {cfg.out}: "
-                              + " | ".join(errors))
-    return None
 
 
 class RunFolderError(RuntimeError):
@@ -460,67 +254,107 @@ def all_reduce_sums(values, device):
     return tensor.tolist()
 
 
-# --------------------------------------------------------------- the RNGs
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": _numpy_state_to_plain(np.random.get_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuple(state["python"]))
-    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _numpy_state_to_plain(s):
-    return [s[0], torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4])]
-
-
-def _numpy_state_from_plain(s):
-    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
 # ------------------------------------------------------------------- the log
 class MetricsLog:
-    """metrics.csv in the run folder, written by rank 0: one row per log interval and one
-    per validation, with a column for each part `loss_fn` reports. On resume, rows after
-    the checkpoint's step are dropped."""
+    """metrics.csv and progress.png in the run folder, written by rank 0.
 
-    def __init__(self, path, part_names, resume_step=None):
-        self.path = Path(path)
+    metrics.csv: one row per `--log-every` steps (the loss and each part `loss_fn` reports,
+    averaged over the steps and ranks since the last row; lr; images/s) and one per
+    validation. On resume, rows after the checkpoint's step are dropped. progress.png, drawn
+    again at each validation: the loss and its parts, the learning rate, and val IoU / MSE,
+    against optimiser steps. Every call is made on every rank (the loss row all-reduces).
+    """
+
+    def __init__(self, out, device, resume_step=None):
+        self.path, self.plot_path = Path(out) / "metrics.csv", Path(out) / "progress.png"
+        self.device, self.resume_step = device, resume_step
+        self.columns = self.part_names = None   # known at the first step's loss parts
+        self.rows = []
+        self.running, self.steps = None, 0      # summed losses since the last row
+        self.new_epoch()
+
+    def _open(self, part_names):
+        self.part_names = part_names
         self.columns = ["epoch", "step", "loss", *part_names, "val_mse", "val_iou", "lr",
                         "images_per_s", "elapsed_s"]
-        self.enabled = is_main()
-        if not self.enabled:
+        self.running = torch.zeros(1 + len(part_names), device=self.device)
+        if not is_main():
             return
-        rows = []
-        if resume_step is not None and self.path.is_file():
+        if self.resume_step is not None and self.path.is_file():
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.resume_step]
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(self.rows)
+
+    def new_epoch(self):
+        """Images/s counts training only: restart its clock after validation and saves."""
+        self.tick, self.images = time.time(), 0
+
+    def add_step(self, loss, parts, images):
+        """Accumulate one step's losses on the device: no host sync."""
+        if self.columns is None:
+            self._open(list(parts))
+        self.running += torch.stack([loss.detach(), *(parts[k] for k in self.part_names)])
+        self.steps += 1
+        self.images += images
+
+    def write_losses(self, epoch, step, lr, elapsed_s):
+        """One loss row, averaged over ranks (a collective); returns (loss, images/s)."""
+        if get_world_size() > 1:
+            dist.all_reduce(self.running)
+        means = (self.running / (self.steps * get_world_size())).tolist()
+        speed = self.images * get_world_size() / (time.time() - self.tick)
+        self.write(epoch=epoch, step=step, loss=means[0], lr=lr, images_per_s=speed,
+                   elapsed_s=elapsed_s, **dict(zip(self.part_names, means[1:])))
+        self.running.zero_()
+        self.steps = 0
+        self.new_epoch()
+        return means[0], speed
 
     def write(self, **row):
-        if self.enabled:
+        if self.columns is None:   # a validation before any step: no loss parts known
+            self._open([])
+        if is_main():
+            row = {k: _fmt(v) for k, v in row.items()}
+            self.rows.append(row)
             with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.columns).writerow({k: _fmt(v) for k, v in row.items()})
+                csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+
+    def plot(self):
+        """Draw progress.png from every row so far (rank 0; matplotlib, loaded on first use,
+        through its object API: no pyplot state, no display needed)."""
+        if not is_main() or not self.rows:
+            return
+        from matplotlib.figure import Figure
+
+        def series(name):
+            points = [(float(r["step"]), float(r[name])) for r in self.rows
+                      if r.get(name) not in (None, "")]
+            return [p[0] for p in points], [p[1] for p in points]
+
+        fig = Figure(figsize=(7, 8))
+        ax_loss, ax_lr, ax_val = fig.subplots(3, 1, sharex=True)
+        for name in ["loss", *self.part_names]:
+            steps, values = series(name)
+            if steps:
+                ax_loss.plot(steps, values, label=name, lw=1.2 if name == "loss" else 0.8)
+        ax_loss.set(yscale="log", ylabel="training loss")
+        ax_loss.legend(fontsize=8)
+        ax_lr.plot(*series("lr"), color="tab:gray")
+        ax_lr.set(ylabel="learning rate")
+        ax_val.plot(*series("val_iou"), "o-", color="tab:green", ms=3, label="val IoU")
+        ax_val.set(ylabel="val IoU (EMA)", xlabel="optimiser step")
+        ax_mse = ax_val.twinx()
+        ax_mse.plot(*series("val_mse"), "s--", color="tab:red", ms=3, label="val MSE")
+        ax_mse.set(ylabel="val MSE (EMA)", yscale="log")
+        handles = [h for ax in (ax_val, ax_mse) for h in ax.get_legend_handles_labels()[0]]
+        ax_val.legend(handles=handles, fontsize=8, loc="center right")
+        fig.tight_layout()
+        tmp = self.plot_path.with_name(self.plot_path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, self.plot_path)
 
 
 def _fmt(v):
@@ -551,7 +385,7 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype):
         start = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens])
         x_t, _ = diffusion.noise_image(x0, t, noise)
         with autocast(device, dtype):
-            out = ema_model(torch.cat([x_t, image], dim=1), t)
+            out = ema_model(model_input(x_t, image), t)
         per_image = (out.float() - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
         with autocast(device, dtype):
             probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, noise=start,
@@ -581,13 +415,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         return (i, *self.dataset[i])
 
 
-# ------------------------------------------------------------------- training
+# ----------------------------------------------------------- the adversarial critic
 class Adversary:
     """The PatchGAN critic behind the adversarial term: its own optimiser and GradScaler,
     DDP-wrapped when distributed, trained one step after each denoiser step."""
 
     def __init__(self, cfg, device, dtype, world):
-        from model import PatchDiscriminator
         self.kind = cfg.adversarial_loss
         self.device, self.dtype = device, dtype
         self.net = PatchDiscriminator(in_channels=cfg.channels + 1).to(device)
@@ -632,12 +465,29 @@ class Adversary:
             self.scaler.load_state_dict(state["scaler"])
 
 
+# ------------------------------------------------------------------- training
 class TrainResult(NamedTuple):
     ema_model: torch.nn.Module
     samples: Optional[torch.Tensor]     # (N, 1, H, W) EMA sample probabilities, last validation
     contours: Optional[torch.Tensor]    # (N, 1, H, W) the true masks of those images
     images: Optional[torch.Tensor]      # (N, C, H, W) the images themselves
-    best: dict                          # best val IoU / MSE and where training stopped
+    progress: Progress                  # where training stopped, best val IoU / MSE, why
+
+
+@dataclass
+class TrainState:
+    """Everything a training step touches, built once by `build_state`."""
+    raw_model: torch.nn.Module          # the plain model: optimiser, EMA and checkpoints
+    model: torch.nn.Module              # what the step calls: raw_model under DDP / compile
+    diffusion: Diffusion
+    ema: "EMA"
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    adversary: Optional["Adversary"]
+    dtype: Optional[torch.dtype]        # autocast dtype; None = fp32
+    channels_last: bool
+    nonfinite_streak: int = 0
 
 
 def pick_device():
@@ -647,31 +497,32 @@ def pick_device():
     return torch.device("cpu")
 
 
-def train(cfg, resume_from=None):
-    """Train a DDPM-v2 model as `cfg` says; the caller has set up the process group (if
-    any). `resume_from` is the checkpoint to continue (see `resume_config`); by default
-    `cfg.resume` is followed. Returns a TrainResult on every rank."""
-    from dataset import WithDistanceMaps, build_datasets, make_loader, set_epoch
-
-    rank, world = get_rank(), get_world_size()
-    device = pick_device()
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must divide "
-                         f"by the {world} processes; try {cfg.batch_size - cfg.batch_size % world or world}")
-    batch_per_rank = cfg.batch_size // world
-    out = Path(cfg.out)
+def resume_checkpoint(cfg, resume_from):
+    """The checkpoint to continue: `resume_from`, or what `cfg.resume` names, or None for a
+    fresh run, which may not overwrite a run folder that already holds one."""
     if resume_from is None:
         resume_from = find_resume_checkpoint(cfg)
+    out = Path(cfg.out)
     if resume_from is None and cfg.resume != "auto" and any(
             (out / name).is_file() for name in ("last.pt", "last_prev.pt")):
         raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume auto to "
                               f"continue it or --out to start a new one")
-    # ---- data
-    datasets = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                              val_fraction=cfg.val_fraction, seed=cfg.seed,
-                              augment=cfg.augment,
-                              synthetic_sizes=(cfg.synthetic_train, cfg.synthetic_val,
-                                               cfg.synthetic_test))
+    return resume_from
+
+
+def build_loaders(cfg, device):
+    """(datasets, train loader, val loader) for this rank; val is sharded by index."""
+    rank, world = get_rank(), get_world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must divide "
+                         f"by the {world} processes; try {cfg.batch_size - cfg.batch_size % world or world}")
+    batch_per_rank = cfg.batch_size // world
+    datasets = build_datasets(
+        cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        augment=cfg.augment,
+        synthetic_sizes=(cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_test),
+        **dataset_options(cfg))
     if cfg.loss_boundary or cfg.loss_hausdorff:
         datasets["train"] = WithDistanceMaps(datasets["train"])  # computed in the workers
     workers = None if cfg.num_workers < 0 else cfg.num_workers
@@ -685,11 +536,23 @@ def train(cfg, resume_from=None):
     if len(train_loader) == 0:
         raise ValueError(f"{len(datasets['train'])} training images give no full batch of "
                          f"{batch_per_rank} per process; lower --batch-size")
+    return datasets, train_loader, val_loader
 
-    # ---- model, EMA, optimiser: same init on every rank
+
+def dataset_options(cfg):
+    """The ContourDataset keywords a config sets (folder data only)."""
+    if cfg.data is None:
+        return {}
+    return dict(mask_values=list(cfg.mask_values) or None, mask_threshold=cfg.mask_threshold,
+                mask_suffix=cfg.mask_suffix, allow_soft_masks=cfg.allow_soft_masks,
+                fit=cfg.fit)
+
+
+def build_state(cfg, device):
+    """Model, EMA, optimiser, scheduler, scaler and critic: the same init on every rank."""
     seed_everything(cfg.seed)
     raw_model, diffusion = build_model_and_diffusion(cfg.to_dict())
-    check_run_folder(out, raw_model)   # every rank, so all fail together before training
+    check_run_folder(cfg.out, raw_model)   # every rank, so all fail together before training
     raw_model.to(device)
     diffusion.to(device)
     channels_last = cfg.channels_last and device.type == "cuda"  # slower on CPU convolutions
@@ -702,260 +565,231 @@ def train(cfg, resume_from=None):
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
-    adversary = Adversary(cfg, device, dtype, world) if cfg.loss_adversarial else None
-    # "epoch" counts finished epochs; "batch" the batches already trained of the next one
-    # (non-zero only when --max-minutes stopped a run inside an epoch)
-    best = {"epoch": 0, "batch": 0, "step": 0, "best_iou": -1.0, "best_mse": math.inf,
-            "patience_iou": -1.0, "bad_evals": 0, "val_iou": None, "val_mse": None,
-            "skipped_steps": 0}
-    pending_rng = None
+    adversary = (Adversary(cfg, device, dtype, get_world_size()) if cfg.loss_adversarial
+                 else None)
+    return TrainState(raw_model, raw_model, diffusion, ema, optimizer, scheduler, scaler,
+                      adversary, dtype, channels_last)
 
-    if resume_from is not None:
-        state = read_checkpoint(resume_from)
-        check_model_config(state["config"], cfg.to_dict(), resume_from)
-        raw_model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the run had no fp16 scaler
-            scaler.load_state_dict(state["scaler"])
-        if adversary is not None:
-            if state.get("adversary") is None:
-                raise CheckpointError(f"{resume_from} has no discriminator to resume")
-            adversary.load_state_dict(state["adversary"])
-        best.update({k: state[k] for k in best if k in state})
-        if "patience_iou" not in state:  # written before best and patience were separate
-            best["patience_iou"] = best["best_iou"]
-        rngs = state["rng"]
-        if best["batch"] and len(rngs) != world:
-            print0(f"resume: the run stopped inside epoch {best['epoch'] + 1} with "
-                   f"{len(rngs)} processes, now {world}; the shards differ, so that epoch "
-                   f"restarts from its first batch")
-            best["batch"] = 0
-        if len(rngs) == world:
-            pending_rng = rngs[rank]   # restored once the loader is where the run stopped
-        else:
-            print0(f"resume: the run had {len(rngs)} processes, now {world}; RNG streams "
-                   f"restart from the seed, so losses will not match step for step")
-            seed_everything(cfg.seed + 1000 * best["epoch"] + rank)
-        print0(f"resumed from {resume_from} at epoch {best['epoch']}"
-               + (f", batch {best['batch']}" if best["batch"] else "")
-               + f" (step {best['step']})")
-    else:
-        seed_everything(cfg.seed + rank)  # per-rank streams for t, noise and augmentation
 
-    model = raw_model
-    if world > 1:
+def restore(state, cfg, path):
+    """Load `path` into `state`; returns (Progress, this rank's RNG state to restore once the
+    loader stands where the run stopped, or None)."""
+    rank, world = get_rank(), get_world_size()
+    progress, rngs = restore_checkpoint(path, cfg, state.raw_model, state.ema, state.optimizer,
+                                        state.scheduler, state.scaler, state.adversary)
+    progress.stopped_early = progress.stopped_by_time = False
+    if progress.batch and len(rngs) != world:
+        print0(f"resume: the run stopped inside epoch {progress.epoch + 1} with "
+               f"{len(rngs)} processes, now {world}; the shards differ, so that epoch "
+               f"restarts from its first batch")
+        progress.batch = 0
+    rng = rngs[rank] if len(rngs) == world else None
+    if rng is None:
+        print0(f"resume: the run had {len(rngs)} processes, now {world}; RNG streams "
+               f"restart from the seed, so losses will not match step for step")
+        seed_everything(cfg.seed + 1000 * progress.epoch + rank)
+    print0(f"resumed from {path} at epoch {progress.epoch}"
+           + (f", batch {progress.batch}" if progress.batch else "")
+           + f" (step {progress.step})")
+    return progress, rng
+
+
+def wrap_model(model, cfg, device):
+    """DDP when distributed, then torch.compile if asked: compile(DDP(m)) lets DDP overlap
+    the all-reduce with the compiled backward."""
+    if get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:  # compile(DDP(m)) lets DDP overlap all-reduce with the backward graph
-        model = torch.compile(model)
+    return torch.compile(model) if cfg.compile else model
 
-    log = running = None  # made at the first step, when loss_fn has named its parts
+
+def epoch_batches(loader, epoch, progress, rng, cfg, device):
+    """This epoch's batches, past those a mid-epoch resume already trained on, with the RNG
+    state the run had there. Returns (iterator, batches already done)."""
+    set_epoch(loader, epoch)
+    batches = iter(loader)
+    skip = progress.batch if epoch == progress.epoch else 0
+    for _ in range(skip):
+        next(batches)
+    if rng is not None:  # after the skipped batches drew their augmentation
+        set_rng_state(rng)
+        if "cuda" not in rng and device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed + 1000 * epoch + get_rank())
+    return batches, skip
+
+
+def train_step(state, batch, cfg, device, progress):
+    """One optimiser step on one batch: (loss, parts), or None when the loss or gradient was
+    not finite and the step was skipped."""
+    s, diffusion = state, state.diffusion
+    image, mask, *extra = (x.to(device, non_blocking=True) for x in batch)
+    distances = extra[0] if extra else None                   # (B, 1, H, W)
+    x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
+    t = diffusion.sample_timesteps(x0.shape[0], device=device)
+    x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
+    x_in = model_input(x_t, image)                            # (B, 1 + C, H, W)
+    if s.channels_last:
+        x_in = x_in.contiguous(memory_format=torch.channels_last)
+    with autocast(device, s.dtype):
+        output = s.model(x_in, t)                             # (B, 1, H, W)
+    loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
+                          diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image, cfg=cfg,
+                          distances=distances,
+                          discriminator=s.adversary.frozen() if s.adversary else None)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        s.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # Skip a step whose gradient is not finite. Gradients are all-reduced, so every rank
+    # takes the same decision. Deciding costs the step's one host sync; under fp16 it
+    # replaces scaler.step's own check (a second sync): unscale_ has recorded the overflow,
+    # and scaler.update() lowers the scale from that record.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        s.optimizer.step()
+    if s.scaler.is_enabled():
+        s.scaler.update()
+    if not finite:
+        skip_nonfinite_step(s, cfg, progress)
+        return None
+    s.nonfinite_streak = 0
+    s.scheduler.step()
+    progress.step += 1
+    s.ema.update(s.raw_model, progress.step)
+    if s.adversary is not None:
+        fake, _ = diffusion.predict_x0_eps(x_t, t, output.detach().float())
+        parts["critic"] = s.adversary.step(image, mask, (fake + 1) / 2)
+    return loss, parts
+
+
+def skip_nonfinite_step(state, cfg, progress):
+    """Count a skipped step; too many in a row end the run with a clear message."""
+    progress.skipped_steps += 1
+    # fp16's first overflows only calibrate the loss scale: a streak starts counting once
+    # the scale has fallen below 1
+    if not state.scaler.is_enabled() or state.scaler.get_scale() < 1:
+        state.nonfinite_streak += 1
+        print0(f"step {progress.step + 1}: non-finite loss or gradient, step skipped "
+               f"({state.nonfinite_streak} in a row, {progress.skipped_steps} in all)")
+    if state.nonfinite_streak >= cfg.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient; "
+            f"stopping. The last good checkpoint is {Path(cfg.out) / 'last.pt'}. Try a lower "
+            f"--lr, --amp off or bf16, or check loss_fn")
+
+
+def validate_and_record(state, cfg, progress, val_loader, log, device, epoch, elapsed_s):
+    """Validate the EMA model, fold the scores into `progress`, log and plot them.
+    Returns (pictures of the first batch, the files to save)."""
+    val_mse, val_iou, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
+                                     device, state.dtype)
+    saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
+    print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
+           f"(best {progress.best_iou:.4f}, {progress.bad_evals}/{cfg.patience} without gain)")
+    log.write(epoch=epoch + 1, step=progress.step, val_mse=val_mse, val_iou=val_iou,
+              lr=state.scheduler.get_last_lr()[0], elapsed_s=elapsed_s)
+    log.plot()
+    return vis, saves + [f"samples_epoch{epoch + 1:04d}.png"]
+
+
+def save_run(state, cfg, progress, names, vis, device):
+    """Write the named checkpoints and pictures to the run folder (rank 0). Every rank learns
+    whether rank 0 saved, instead of waiting at a barrier, and all fail together if not."""
+    out = Path(cfg.out)
+    checkpoint = checkpoint_state(state.raw_model, state.ema, state.optimizer, state.scheduler,
+                                  state.scaler, progress, cfg, state.adversary)
+    failure = None
+    if is_main():
+        try:
+            for name in names:
+                if name.endswith(".png"):
+                    save_images(out / name, *vis)
+                else:
+                    save_checkpoint(checkpoint, out / name, keep_previous=name == "last.pt")
+        except Exception as e:  # any failure: the other ranks must hear of it
+            failure = e
+    if all_reduce_sums([float(failure is not None)], device)[0] > 0:
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure
+        raise RunFolderError(f"could not write to the run folder {out}: "
+                             f"{failure or 'rank 0 failed to save'}")
+
+
+def train(cfg, resume_from=None, device=None):
+    """Train a DDPM-v2 model as `cfg` says; the caller has set up the process group (if
+    any). `resume_from`: the checkpoint to continue (see utils.resume_config); by default
+    `cfg.resume` is followed. `device`: default CUDA (LOCAL_RANK) when there is one, else
+    the CPU. Returns a TrainResult on every rank."""
+    device = torch.device(device) if device is not None else pick_device()
+    world = get_world_size()
+    resume_from = resume_checkpoint(cfg, resume_from)
+    datasets, train_loader, val_loader = build_loaders(cfg, device)
+    state = build_state(cfg, device)
+    if resume_from is not None:
+        progress, rng = restore(state, cfg, resume_from)
+    else:
+        progress, rng = Progress(), None
+        seed_everything(cfg.seed + get_rank())  # per-rank streams for t, noise, augmentation
+    state.model = wrap_model(state.raw_model, cfg, device)
+    log = MetricsLog(cfg.out, device, resume_step=progress.step if resume_from else None)
     control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     stop = StopSignal(control)
     print0(f"training on {world} x {device.type}, {len(datasets['train'])} train / "
-           f"{len(datasets['val'])} val images, {batch_per_rank} per process per step, "
-           f"amp={dtype}, run folder {out}")
+           f"{len(datasets['val'])} val images, {cfg.batch_size // world} per process per "
+           f"step, amp={state.dtype}, run folder {cfg.out}")
 
     start = time.time()
     time_over = lambda: cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes  # noqa: E731
-    step = last_eval_step = last_save_step = best["step"]
-    nonfinite_streak = 0
+    last_eval = last_save = progress.step
     vis = None
-    stopped = early_stop = False
-    for epoch in range(best["epoch"], cfg.epochs):
-        set_epoch(train_loader, epoch)
-        model.train()
-        bar = tqdm(train_loader, disable=not is_main(), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True)
-        tick, images_seen = time.time(), 0
-        batches = iter(bar)
-        skip = best["batch"] if epoch == best["epoch"] else 0
-        for _ in range(skip):  # resuming inside an epoch: these batches were trained on
-            next(batches)
-        if pending_rng is not None:  # after the skipped batches drew their augmentation
-            set_rng_state(pending_rng)
-            if "cuda" not in pending_rng and device.type == "cuda":
-                torch.cuda.manual_seed(cfg.seed + 1000 * epoch + rank)
-            pending_rng = None
-        batches_done = skip
-        for batch_index in range(skip, len(train_loader)):
+    for epoch in range(progress.epoch, cfg.epochs):
+        state.model.train()
+        batches, done = epoch_batches(train_loader, epoch, progress, rng, cfg, device)
+        rng, stopped = None, False
+        bar = tqdm(total=len(train_loader), initial=done, disable=not is_main(), leave=False,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        log.new_epoch()
+        while done < len(train_loader):
             if stop.poll(time_over()):  # before fetching, so a resume fetches the same batch
                 stopped = True
                 break
             batch = next(batches)
-            batches_done = batch_index + 1
-            image, mask, *extra = (x.to(device, non_blocking=True) for x in batch)
-            distances = extra[0] if extra else None                   # (B, 1, H, W)
-            x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
-            t = diffusion.sample_timesteps(x0.shape[0], device=device)
-            x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
-            x_in = torch.cat([x_t, image], dim=1)                     # (B, 1 + C, H, W)
-            if channels_last:
-                x_in = x_in.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                output = model(x_in, t)                               # (B, 1, H, W)
-            loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
-                                  diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image,
-                                  cfg=cfg, distances=distances,
-                                  discriminator=adversary.frozen() if adversary else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            # Skip a step whose gradient is not finite. Gradients are all-reduced, so every
-            # rank takes the same decision. Deciding costs the step's one host sync; under
-            # fp16 it replaces scaler.step's own check (a second sync): unscale_ has recorded
-            # the overflow, and scaler.update() lowers the scale from that record.
-            finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-            if scaler.is_enabled():
-                scaler.update()
-            if not finite:
-                best["skipped_steps"] += 1
-                # fp16's first overflows only calibrate the loss scale: a streak starts
-                # counting once the scale has fallen below 1
-                if not scaler.is_enabled() or scaler.get_scale() < 1:
-                    nonfinite_streak += 1
-                    print0(f"step {step + 1}: non-finite loss or gradient, step skipped "
-                           f"({nonfinite_streak} in a row, {best['skipped_steps']} in all)")
-                if nonfinite_streak >= cfg.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_streak} consecutive steps had a non-finite loss or "
-                        f"gradient; stopping. The last good checkpoint is {out / 'last.pt'}. "
-                        f"Try a lower --lr, --amp off or bf16, or check loss_fn")
+            done += 1
+            bar.update()
+            result = train_step(state, batch, cfg, device, progress)
+            if result is None:
                 continue
-            nonfinite_streak = 0
-            scheduler.step()
-            step += 1
-            ema.update(raw_model, step)
-            if adversary is not None:
-                fake, _ = diffusion.predict_x0_eps(x_t, t, output.detach().float())
-                parts["critic"] = adversary.step(image, mask, (fake + 1) / 2)
-            if log is None:
-                part_names = list(parts)
-                log = MetricsLog(out / "metrics.csv", part_names,
-                                 resume_step=best["step"] if resume_from is not None else None)
-                running, running_steps = torch.zeros(1 + len(part_names), device=device), 0
-            running += torch.stack([loss.detach(), *(parts[k] for k in part_names)])
-            running_steps += 1
-            images_seen += x0.shape[0] * world
-
-            if step % cfg.log_every == 0:
-                if world > 1:
-                    dist.all_reduce(running)
-                means = (running / (running_steps * world)).tolist()
-                speed = images_seen / (time.time() - tick)
-                lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-                log.write(epoch=epoch + 1, step=step, loss=means[0], lr=lr, images_per_s=speed,
-                          elapsed_s=time.time() - start,
-                          **dict(zip(part_names, means[1:])))
-                running.zero_()
-                running_steps = 0
-                tick, images_seen = time.time(), 0
+            log.add_step(*result, images=batch[0].shape[0])
+            if progress.step % cfg.log_every == 0:
+                lr = state.scheduler.get_last_lr()[0]
+                loss, speed = log.write_losses(epoch + 1, progress.step, lr, time.time() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
         bar.close()
-        stopped = stop.settle(stopped or time_over())
-        if batches_done == len(train_loader):
-            best["epoch"], best["batch"] = epoch + 1, 0
-        else:  # stopped inside the epoch: a resume trains its remaining batches
-            best["epoch"], best["batch"] = epoch, batches_done
-        best["step"] = step
-        finishing = stopped or epoch + 1 == cfg.epochs
 
+        # ---- end of epoch (or a stop inside it): validate, decide, save
+        stopped = stop.settle(stopped or time_over())
+        progress.epoch, progress.batch = ((epoch + 1, 0) if done == len(train_loader)
+                                          else (epoch, done))  # a resume trains the rest
+        finishing = stopped or epoch + 1 == cfg.epochs
         saves = []
-        if last_eval_step != step and (finishing or (epoch + 1) % cfg.eval_every == 0):
-            last_eval_step = step
-            val_mse, val_iou, vis = validate(ema.model, diffusion, val_loader, cfg, device, dtype)
-            saves += record_validation(best, val_iou, val_mse, cfg.min_delta)
-            early_stop = best["bad_evals"] >= cfg.patience
-            finishing = finishing or early_stop
-            print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
-                   f"(best {best['best_iou']:.4f}, {best['bad_evals']}/{cfg.patience} without gain)")
-            log.write(epoch=epoch + 1, step=step, val_mse=val_mse, val_iou=val_iou,
-                      lr=scheduler.get_last_lr()[0], elapsed_s=time.time() - start)
-            saves.append(f"samples_epoch{epoch + 1:04d}.png")
-        if last_save_step != step and (finishing or (epoch + 1) % cfg.save_every == 0):
+        if last_eval != progress.step and (finishing or (epoch + 1) % cfg.eval_every == 0):
+            last_eval = progress.step
+            vis, saves = validate_and_record(state, cfg, progress, val_loader, log, device,
+                                             epoch, time.time() - start)
+            progress.stopped_early = progress.bad_evals >= cfg.patience
+        progress.stopped_by_time = stopped
+        finishing = finishing or progress.stopped_early
+        if last_save != progress.step and (finishing or (epoch + 1) % cfg.save_every == 0):
             saves.append("last.pt")
+            last_save = progress.step
         if saves:
-            state = checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg,
-                                     adversary)
-            failure = None
-            if is_main():
-                try:
-                    for name in saves:
-                        if name.endswith(".png"):
-                            save_images(out / name, *vis)
-                        else:
-                            save_checkpoint(state, out / name, keep_previous=name == "last.pt")
-                except Exception as e:  # any failure: the other ranks must hear of it
-                    failure = e
-            # every rank learns whether rank 0 saved, instead of waiting at a barrier
-            if all_reduce_sums([float(failure is not None)], device)[0] > 0:
-                if failure is not None and not isinstance(failure, OSError):
-                    raise failure
-                raise RunFolderError(f"could not write to the run folder {out}: "
-                                     f"{failure or 'rank 0 failed to save'}")
-            if "last.pt" in saves:
-                last_save_step = step
-        if stopped or early_stop:
+            save_run(state, cfg, progress, saves, vis, device)
+        if stopped or progress.stopped_early:
             print0(f"stopping after epoch {epoch + 1}: "
                    + ("time budget reached" if stopped else
                       f"val IoU has not improved for {cfg.patience} validations"))
             break
 
-    best["stopped_early"] = early_stop
-    best["stopped_by_time"] = stopped
     images, contours, samples = vis if vis is not None else (None, None, None)
-    return TrainResult(ema.model, samples, contours, images, best)
-
-
-def record_validation(best, val_iou, val_mse, min_delta):
-    """Fold one validation into the run's record; returns the best_*.pt files to write.
-
-    best_iou.pt follows every val IoU gain, however small. The patience count restarts
-    only on a gain of more than min_delta over the IoU at its last restart, so a run whose
-    IoU creeps up by less than min_delta per validation still stops, with its best model.
-    """
-    best["val_mse"], best["val_iou"] = val_mse, val_iou
-    saves = []
-    if val_iou > best["patience_iou"] + min_delta:
-        best["patience_iou"], best["bad_evals"] = val_iou, 0
-    else:
-        best["bad_evals"] += 1
-    if val_iou > best["best_iou"]:
-        best["best_iou"] = val_iou
-        saves.append("best_iou.pt")
-    if val_mse < best["best_mse"]:
-        best["best_mse"] = val_mse
-        saves.append("best_mse.pt")
-    return saves
-
-
-def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, best, cfg, adversary=None):
-    """One dict, plain types and tensors only. Gathers every rank's RNG state (a collective:
-    all ranks call it)."""
-    check_finite(unwrap(raw_model).state_dict(), "the model")
-    check_finite(ema.state_dict(), "the EMA model")
-    if adversary is not None:
-        check_finite(adversary.net.state_dict(), "the discriminator")
-    rngs = [None] * get_world_size()
-    if get_world_size() > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    return {
-        "format_version": CHECKPOINT_VERSION,
-        "model": unwrap(raw_model).state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        **best,
-        "adversary": adversary.state_dict() if adversary is not None else None,
-        "rng": rngs,
-        "config": cfg.to_dict(),
-    }
+    return TrainResult(state.ema.model, samples, contours, images, progress)

@@ -1,29 +1,244 @@
-"""Small helpers: rank-aware printing, pictures, checkpoint I/O, model rebuilding."""
+"""Small helpers: the run's config (the checkpoint's schema), checkpoint I/O, resume and RNG
+state, rank-aware printing, pictures, mask metrics and ensemble fusion.
+
+Imports one way: this file reads `model.py`, `DDPM.py` and `dataset.py`; `train_utils.py`,
+`main.py` and `evaluate.py` read it.
+"""
+import dataclasses
 import math
 import os
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torchvision.utils import make_grid, save_image
 
-from DDPM import Diffusion
-from model import UNet2D
+from dataset import FIT_MODES
+from DDPM import PREDICTION_TYPES, SCHEDULES, Diffusion
+from model import MODELS, build_model
 
 CHECKPOINT_VERSION = 1
 
 # Config fields that decide the network's shape or the diffusion process: a checkpoint can
-# only be loaded, or a run resumed, when these match.
-MODEL_KEYS = ("channels", "base_channels", "channel_mults", "num_res_blocks",
-              "attention_resolutions", "dropout", "timesteps", "schedule", "schedule_shift",
-              "prediction")
+# only be loaded, or a run resumed, when these match. The UNet2D fields count only for it.
+UNET_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolutions",
+             "dropout")
+DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction")
 # model keys added after checkpoints were already being written: what an older one meant
-LATER_MODEL_KEYS = {"schedule_shift": 1.0}
+LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d"}
+
+
+def model_keys(config):
+    """The config keys that must match for `config` (a dict) to load or resume."""
+    unet = UNET_KEYS if config.get("model", "unet2d") == "unet2d" else ()
+    return ("channels", "model", *unet, *DIFFUSION_KEYS)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe, or made for another model."""
+
+
+# ----------------------------------------------------------------- the config
+def _opt(default, help, **kw):
+    """A config field with its --help text (and argparse choices, if any)."""
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Each field is a --kebab-case flag of main.py."""
+    # data
+    data: Optional[str] = _opt(None, "image/mask folder (<root>/<split>/images|masks); "
+                                     "absent: the built-in synthetic contours")
+    image_size: int = _opt(64, "images and masks are resized to this square size")
+    channels: int = _opt(1, "image channels the model sees: 1 grey, 3 RGB")
+    augment: bool = _opt(True, "flips, small affine and intensity jitter on training images")
+    val_fraction: float = _opt(0.1, "fraction of train held back when the data has no val split")
+    num_workers: int = _opt(-1, "data loader workers per process; -1 picks a default")
+    synthetic_train: int = _opt(1000, "training images of the synthetic set")
+    synthetic_val: int = _opt(100, "validation images of the synthetic set")
+    synthetic_test: int = _opt(100, "test images of the synthetic set")
+    mask_values: tuple = _opt((), "stored mask values that are foreground (e.g. --mask-values "
+                                   "255, or 1 2 for two labels of a label map); "
+                                   "none: threshold at --mask-threshold")
+    mask_threshold: float = _opt(0.5, "foreground where the mask is >= this fraction of "
+                                      "full scale (without --mask-values)")
+    mask_suffix: str = _opt("", "ending of mask file names after the image's name "
+                                "(e.g. _mask pairs a.png with a_mask.png)")
+    allow_soft_masks: bool = _opt(False, "accept soft (probability) masks; they are "
+                                         "thresholded at --mask-threshold")
+    fit: str = _opt("pad", "non-square images: pad to a square, stretch, or crop the "
+                           "centre", choices=FIT_MODES)
+    test_fraction: float = _opt(0.1, "fraction held back as test split from a flat "
+                                     "images/ + masks/ folder")
+    # model
+    model: str = _opt("unet2d", "backbone from model.MODELS: unet2d, convnext_tiny, resnet18, "
+                                "or one you registered; the five flags below are unet2d's")
+    base_channels: int = _opt(16, "UNet width at full resolution")
+    channel_mults: tuple = _opt((1, 2, 4, 8), "width multiplier per UNet level")
+    num_res_blocks: int = _opt(1, "residual blocks per UNet level")
+    attention_resolutions: tuple = _opt((8,), "downsampling factors with self-attention")
+    dropout: float = _opt(0.0, "dropout in residual blocks")
+    # diffusion
+    timesteps: int = _opt(1000, "diffusion steps T")
+    schedule: str = _opt("cosine", "noise schedule", choices=SCHEDULES)
+    schedule_shift: float = _opt(1.0, "divide the schedule's signal-to-noise ratio by "
+                                      "shift^2 at every step; > 1 = noisier (large masks)")
+    prediction: str = _opt("x0", "what the network predicts", choices=PREDICTION_TYPES)
+    # optimisation
+    epochs: int = _opt(100, "maximum epochs")
+    batch_size: int = _opt(16, "global batch size, split across processes")
+    lr: float = _opt(1e-3, "AdamW learning rate after warm-up")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(100, "steps of linear learning-rate warm-up")
+    grad_clip: float = _opt(1.0, "gradient-norm clip; 0 = off")
+    ema_decay: float = _opt(0.999, "EMA decay of the weights")
+    ema_warmup: int = _opt(10, "EMA decay is min(decay, (1+step)/(warmup+step)); 0 = off")
+    amp: str = _opt("auto", "mixed precision: auto = bf16 (or fp16 + GradScaler) on CUDA, "
+                            "off on CPU", choices=("auto", "bf16", "fp16", "off"))
+    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(True, "NHWC memory layout on CUDA")
+    # evaluation and stopping
+    eval_every: int = _opt(1, "epochs between validations")
+    eval_steps: int = _opt(10, "DDIM steps for validation IoU")
+    patience: int = _opt(10, "validations without val IoU gain before stopping")
+    min_delta: float = _opt(1e-3, "smallest val IoU gain that restarts the patience count "
+                                  "(best_iou.pt follows any gain)")
+    max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
+                                    "-1 = 8 for the synthetic demo, none with --data")
+    num_vis: int = _opt(4, "validation images in each sample picture")
+    # run
+    seed: int = _opt(0, "random seed")
+    out: str = _opt("", "run folder; empty = trained_models/<data name>-<image size>")
+    resume: str = _opt("", "'auto' (the run folder's last.pt, if any) or a checkpoint path")
+    nproc: int = _opt(1, "CPU processes when there is no GPU")
+    save_every: int = _opt(1, "epochs between last.pt saves")
+    max_nonfinite_steps: int = _opt(10, "consecutive skipped non-finite steps before "
+                                        "training gives up")
+    # extra loss terms on the predicted mask (see loss_fn); weights, 0 = off
+    loss_dice: float = _opt(0.0, "weight of the soft Dice term")
+    loss_boundary: float = _opt(0.0, "weight of the boundary loss (Kervadec et al. 2019)")
+    loss_hausdorff: float = _opt(0.0, "weight of the Hausdorff distance-transform loss")
+    loss_adversarial: float = _opt(0.0, "weight of the PatchGAN adversarial term")
+    adversarial_loss: str = _opt("hinge", "adversarial objective",
+                                 choices=("hinge", "nonsaturating"))
+    disc_lr: float = _opt(2e-4, "learning rate of the discriminator")
+    log_every: int = _opt(10, "steps between loss logs")
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        self.mask_values = tuple(int(v) for v in self.mask_values)
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+        if not (math.isfinite(self.schedule_shift) and self.schedule_shift > 0):
+            raise ValueError(f"schedule_shift must be a finite number > 0, got {self.schedule_shift}")
+        if self.max_minutes < 0:  # `python main.py` is a demo that must end on a laptop CPU
+            self.max_minutes = 8.0 if self.data is None else 0.0
+        if not self.out:
+            name = Path(self.data).name if self.data else "synthetic"
+            self.out = str(Path("trained_models") / f"{name}-{self.image_size}")
+
+    def to_dict(self):
+        """Plain types only (lists, not tuples), so torch.load(weights_only=True) reads it."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Settings a resumed run may change from the command line without breaking its meaning.
+RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience", "eval_every")
+
+
+def resume_config(cfg, explicit):
+    """The config a resumed run uses: the stored one, with the run-length flags the user
+    gave (`explicit`) on top. A flag that changes the model or diffusion is an error.
+    Returns (config, path of the checkpoint); a fresh run returns (cfg, None)."""
+    path = find_resume_checkpoint(cfg)
+    if path is None:
+        return cfg, None
+    stored = TrainConfig.from_dict(read_checkpoint(path)["config"]).to_dict()
+    current = cfg.to_dict()
+    keys = model_keys(stored)
+    clash = [k for k in keys if k in explicit and current[k] != stored[k]]
+    if clash:
+        raise CheckpointError(
+            f"cannot resume {path} with a different model or diffusion: "
+            + ", ".join(f"--{k.replace('_', '-')} {current[k]} (run has {stored[k]})"
+                        for k in clash) + ". Start a new run with another --out.")
+    # run-length flags override; so do where-and-how flags (out, resume, nproc, workers)
+    for k in (*RUN_LENGTH_KEYS, "out", "resume", "nproc", "num_workers", "log_every"):
+        if k in explicit or k in ("out", "resume"):
+            stored[k] = current[k]
+    ignored = [k for k in explicit if k not in stored or
+               (stored[k] != current[k] and k not in keys)]
+    if ignored:
+        print0(f"resume: keeping the run's stored {', '.join(sorted(ignored))}; "
+               f"only {', '.join(RUN_LENGTH_KEYS)} can change on resume")
+    return TrainConfig.from_dict(stored), path
+
+
+@dataclass
+class Progress:
+    """Where a run stands and the best it has done: saved, field by field, at the top level
+    of every checkpoint (older checkpoints read the same keys)."""
+    epoch: int = 0                   # finished epochs
+    batch: int = 0                   # batches trained of the next epoch (a mid-epoch stop)
+    step: int = 0                    # optimiser steps taken (skipped non-finite ones aside)
+    best_iou: float = -1.0           # best EMA val IoU: best_iou.pt
+    best_mse: float = math.inf       # best EMA val MSE: best_mse.pt
+    patience_iou: float = -1.0       # the val IoU the patience count last restarted at
+    bad_evals: int = 0               # validations since then without a min_delta gain
+    val_iou: Optional[float] = None  # the last validation's scores
+    val_mse: Optional[float] = None
+    skipped_steps: int = 0           # non-finite steps skipped in all
+    stopped_early: bool = False      # on patience
+    stopped_by_time: bool = False    # on --max-minutes
+
+    def record_validation(self, val_iou, val_mse, min_delta):
+        """Fold one validation in; returns the best_*.pt files to write.
+
+        best_iou.pt follows every val IoU gain, however small. The patience count restarts
+        only on a gain of more than min_delta over the IoU at its last restart, so a run
+        whose IoU creeps up by less than min_delta per validation still stops, with its
+        best model.
+        """
+        self.val_mse, self.val_iou = val_mse, val_iou
+        saves = []
+        if val_iou > self.patience_iou + min_delta:
+            self.patience_iou, self.bad_evals = val_iou, 0
+        else:
+            self.bad_evals += 1
+        if val_iou > self.best_iou:
+            self.best_iou = val_iou
+            saves.append("best_iou.pt")
+        if val_mse < self.best_mse:
+            self.best_mse = val_mse
+            saves.append("best_mse.pt")
+        return saves
+
+    @classmethod
+    def from_checkpoint(cls, state):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        progress = cls(**{k: v for k, v in state.items() if k in fields})
+        if "patience_iou" not in state:  # written before best and patience were separate
+            progress.patience_iou = progress.best_iou
+        return progress
 
 
 # ------------------------------------------------------------------------ ranks
@@ -71,13 +286,14 @@ def save_images(path, image, truth, prediction, nrow=None):
 
 # ------------------------------------------------------------------- checkpoints
 def build_model_and_diffusion(config):
-    """UNet2D and Diffusion exactly as a run's config (a dict of plain types) describes."""
-    model = UNet2D(in_channels=config["channels"] + 1, out_channels=1,
-                   base_channels=config["base_channels"],
-                   channel_mults=tuple(config["channel_mults"]),
-                   num_res_blocks=config["num_res_blocks"],
-                   attention_resolutions=tuple(config["attention_resolutions"]),
-                   dropout=config["dropout"])
+    """The backbone and Diffusion exactly as a run's config (a dict of plain types)
+    describes. The UNet2D flags reach unet2d only; other backbones take their defaults."""
+    name = config.get("model", "unet2d")
+    opts = {}
+    if name == "unet2d":
+        opts = {k: tuple(config[k]) if isinstance(config[k], list) else config[k]
+                for k in UNET_KEYS}
+    model = build_model(name, in_channels=config["channels"] + 1, out_channels=1, **opts)
     diffusion = Diffusion(config["timesteps"], schedule=config["schedule"],
                           prediction=config["prediction"],
                           shift=config["schedule_shift"])
@@ -140,7 +356,7 @@ def check_model_config(stored, current, path):
     """Raise a clear error when a checkpoint's model/diffusion settings differ from ours."""
     stored = {**LATER_MODEL_KEYS, **stored}
     diffs = [f"{k}: checkpoint {stored.get(k)!r} vs now {current.get(k)!r}"
-             for k in MODEL_KEYS if _plain(stored.get(k)) != _plain(current.get(k))]
+             for k in model_keys(stored) if _plain(stored.get(k)) != _plain(current.get(k))]
     if diffs:
         raise CheckpointError(f"{path} was trained with a different model or diffusion; "
                               f"drop these flags or start a new run folder: " + "; ".join(diffs))
@@ -148,6 +364,118 @@ def check_model_config(stored, current, path):
 
 def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
+
+
+# ----------------------------------------------------------- checkpoints of a run
+def checkpoint_state(raw_model, ema, optimizer, scheduler, scaler, progress, cfg, adversary=None):
+    """One dict, plain types and tensors only. Gathers every rank's RNG state (a collective:
+    all ranks call it)."""
+    check_finite(unwrap(raw_model).state_dict(), "the model")
+    check_finite(ema.state_dict(), "the EMA model")
+    if adversary is not None:
+        check_finite(adversary.net.state_dict(), "the discriminator")
+    rngs = [None] * world_size()
+    if world_size() > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    return {
+        "format_version": CHECKPOINT_VERSION,
+        "model": unwrap(raw_model).state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        **dataclasses.asdict(progress),
+        "adversary": adversary.state_dict() if adversary is not None else None,
+        "rng": rngs,
+        "config": cfg.to_dict(),
+    }
+
+
+def restore_checkpoint(path, cfg, raw_model, ema, optimizer, scheduler, scaler,
+                       adversary=None):
+    """Load a run's checkpoint into the freshly built training objects; returns its
+    Progress and the RNG states it saved, one per rank."""
+    state = read_checkpoint(path)
+    check_model_config(state["config"], cfg.to_dict(), path)
+    raw_model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when the run had no fp16 scaler
+        scaler.load_state_dict(state["scaler"])
+    if adversary is not None:
+        if state.get("adversary") is None:
+            raise CheckpointError(f"{path} has no discriminator to resume")
+        adversary.load_state_dict(state["adversary"])
+    return Progress.from_checkpoint(state), state["rng"]
+
+
+def find_resume_checkpoint(cfg):
+    """The checkpoint `cfg.resume` names. "auto": the run folder's last.pt, or, when that is
+    missing, truncated or corrupt, the last_prev.pt kept beside it (the bad file is renamed
+    *.corrupt so the next save cannot displace the good one). None for a fresh start."""
+    if not cfg.resume:
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        read_checkpoint(path)  # a clear error now for a missing, corrupt or unsafe file
+        return path
+    last = Path(cfg.out) / "last.pt"
+    candidates = [p for p in (last, previous_checkpoint(last)) if p.is_file()]
+    errors = []
+    for path in candidates:
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            print0(f"resume: {e}")
+            if is_main():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            continue
+        if errors:
+            print0(f"resume: falling back to the previous checkpoint {path}")
+        return path
+    if errors:
+        raise CheckpointError(f"no usable checkpoint to resume in {cfg.out}: "
+                              + " | ".join(errors))
+    return None
+
+
+# --------------------------------------------------------------- the RNGs
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state_to_plain(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _numpy_state_to_plain(s):
+    return [s[0], torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _numpy_state_from_plain(s):
+    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
 
 
 def load_checkpoint(path, map_location=None, weights="ema"):
@@ -160,13 +488,16 @@ def load_checkpoint(path, map_location=None, weights="ema"):
     config is the run's TrainConfig. The model is in eval mode on `map_location` (CPU
     when None).
     """
-    from train_utils import TrainConfig  # train_utils imports this module
-
     state = read_checkpoint(path, map_location="cpu")
     try:
         config = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not match this code ({e})") from None
+    if config.model not in MODELS:
+        raise CheckpointError(
+            f"{path} was trained with the backbone {config.model!r}, which is not registered "
+            f"in this process (registered: {', '.join(sorted(MODELS))}). Register it first: "
+            f"model.MODELS[{config.model!r}] = MyNet, then load the checkpoint")
     model, diffusion = build_model_and_diffusion(config.to_dict())
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")

@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 import main
 import train_utils
 from conftest import TINY_FLAGS
-from train_utils import NonFiniteLossError, RunFolderError, find_resume_checkpoint, train
-from utils import CheckpointError, load_checkpoint, save_checkpoint
+from train_utils import NonFiniteLossError, RunFolderError, train
+from utils import (CheckpointError, find_resume_checkpoint, load_checkpoint, resume_config,
+                   save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 # 20 steps an epoch at 32 px: long enough to be killed in the middle of one
@@ -77,9 +78,9 @@ def test_save_keeps_previous_and_resume_falls_back(tmp_path):
     assert find_resume_checkpoint(cfg) == run / "last_prev.pt"
     assert (run / "last.pt.corrupt").is_file() and not (run / "last.pt").exists()
     # resuming from it continues at epoch 1 and ends at the same epoch count
-    resumed, checkpoint = train_utils.resume_config(cfg, {"resume"})
+    resumed, checkpoint = resume_config(cfg, {"resume"})
     result = train(resumed, resume_from=checkpoint)
-    assert result.best["epoch"] == 2
+    assert result.progress.epoch == 2
     # with no good file left: one clear error naming the file
     (run / "last.pt").write_bytes(b"garbage")
     (run / "last_prev.pt").write_bytes(b"garbage too")
@@ -112,7 +113,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(train_utils, "loss_fn", flaky)
     cfg = cfg_for(tmp_path / "run", epochs=1)
     result = train(cfg)
-    assert result.best["skipped_steps"] == 2
+    assert result.progress.skipped_steps == 2
     state = torch.load(Path(cfg.out) / "last.pt", weights_only=True)
     assert state["step"] == 32 // 8 - 2    # 4 batches, 2 skipped
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -129,7 +130,7 @@ def test_fp16_gradscaler_skips_nonfinite_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train_utils, "loss_fn", flaky)
     cfg = cfg_for(tmp_path / "run", epochs=1, amp="fp16")
     result = train(cfg)
-    assert result.best["skipped_steps"] >= 1
+    assert result.progress.skipped_steps >= 1
     state = torch.load(Path(cfg.out) / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] < 2.0 ** 16     # the scaler backed off
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -1,6 +1,7 @@
 """The extra loss terms: crafted cases, bf16 gradients, the adversarial path under DDP and
 across a resume."""
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import TINY_FLAGS
 from dataset import signed_distance_map
 from DDPM import Diffusion
 from model import PatchDiscriminator, UNet2D
+from utils import resume_config
 from train_utils import (boundary_loss, discriminator_loss, generator_loss, hausdorff_dt_loss,
                          loss_fn, soft_dice_loss, train)
 
@@ -116,7 +118,7 @@ ADVERSARIAL = TINY_FLAGS + ["--synthetic-train", "16", "--loss-adversarial", "0.
 def _adversarial_rank(local_rank, world_size, cfg, port, result_dir):
     import main as launcher
     result = launcher.worker(local_rank, world_size, cfg, set(), port)
-    Path(result_dir, f"rank{local_rank}.json").write_text(json.dumps(result.best))
+    Path(result_dir, f"rank{local_rank}.json").write_text(json.dumps(dataclasses.asdict(result.progress)))
 
 
 def test_adversarial_two_process_gloo_run(tmp_path):
@@ -142,7 +144,7 @@ def test_resume_restores_discriminator(tmp_path):
     train(part)
     resumed, explicit = main.parse_args(ADVERSARIAL + ["--epochs", "3", "--resume", "auto",
                                                        "--out", str(tmp_path / "part")])
-    resumed, checkpoint = train_utils.resume_config(resumed, explicit)
+    resumed, checkpoint = resume_config(resumed, explicit)
     train(resumed, resume_from=checkpoint)
     logs = []
     for run in ("full", "part"):

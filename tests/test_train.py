@@ -1,6 +1,7 @@
 """The training loop and its launch: config, EMA, AMP, checkpoints, resume, early stopping,
 multi-process runs (gloo) through mp.spawn and torchrun."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -14,8 +15,8 @@ import torch.multiprocessing as mp
 
 import main
 from conftest import TINY_FLAGS
-from train_utils import EMA, TrainConfig, record_validation, train
-from utils import CheckpointError, load_checkpoint
+from train_utils import EMA, TrainConfig, train
+from utils import CheckpointError, Progress, load_checkpoint, resume_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_FLAGS
@@ -100,7 +101,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     part = tiny_cfg(tmp_path / "part", epochs=1, augment=True)
     train(part)
     cfg, explicit = main.parse_args(TINY + ["--out", part.out, "--resume", "auto", "--epochs", "3"])
-    from train_utils import resume_config
     cfg, checkpoint = resume_config(cfg, explicit)
     assert checkpoint == Path(part.out) / "last.pt"
     train(cfg, resume_from=checkpoint)
@@ -118,19 +118,19 @@ def test_early_stopping_fires_on_stagnant_metric(tmp_path):
     # a gain of 2 IoU is impossible, so every validation counts as stagnant
     cfg = tiny_cfg(tmp_path / "run", epochs=6, patience=2, min_delta=2.0)
     result = train(cfg)
-    assert result.best["stopped_early"] and result.best["epoch"] == 2
+    assert result.progress.stopped_early and result.progress.epoch == 2
 
 
 def test_best_checkpoint_follows_small_gains_patience_does_not():
-    best = {"best_iou": -1.0, "patience_iou": -1.0, "bad_evals": 0, "best_mse": math.inf}
+    best = Progress()
     history = []
     for iou, mse in [(0.50, 0.3), (0.5004, 0.2), (0.5008, 0.25), (0.5012, 0.1), (0.49, 0.4)]:
-        saves = record_validation(best, iou, mse, min_delta=1e-3)
-        history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best["bad_evals"]))
+        saves = best.record_validation(iou, mse, min_delta=1e-3)
+        history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best.bad_evals))
     # every IoU gain saves; only the last step of 0.0012 over 0.50 restarts the patience
     assert history == [(True, True, 0), (True, True, 1), (True, False, 2), (True, True, 0),
                        (False, False, 1)]
-    assert best["best_iou"] == 0.5012 and best["val_iou"] == 0.49
+    assert best.best_iou == 0.5012 and best.val_iou == 0.49
 
 
 def test_amp_bf16_path_runs_on_cpu(tmp_path):
@@ -152,7 +152,6 @@ def test_different_model_shape_gives_clear_error(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
     args = TINY + ["--out", cfg.out, "--resume", "auto", "--base-channels", "16"]
     with pytest.raises(CheckpointError, match="--base-channels 16"):
-        from train_utils import resume_config
         resume_config(*main.parse_args(args))
     # and through the command line: one line on stderr, exit code 2, no traceback
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
@@ -180,7 +179,6 @@ def test_schedule_shift_travels_with_the_checkpoint(tmp_path):
                            "last.pt")
     # the shift defines the diffusion, so a resume may not change it
     args = TINY + ["--out", cfg.out, "--resume", "auto", "--schedule-shift", "3"]
-    from train_utils import resume_config
     with pytest.raises(CheckpointError, match="--schedule-shift 3"):
         resume_config(*main.parse_args(args))
 
@@ -188,7 +186,7 @@ def test_schedule_shift_travels_with_the_checkpoint(tmp_path):
 def _spawned_rank(local_rank, world_size, cfg, port, result_dir):
     import main as launcher
     result = launcher.worker(local_rank, world_size, cfg, set(), port)
-    Path(result_dir, f"rank{local_rank}.json").write_text(json.dumps(result.best))
+    Path(result_dir, f"rank{local_rank}.json").write_text(json.dumps(dataclasses.asdict(result.progress)))
 
 
 def test_two_process_gloo_ranks_agree(tmp_path):
@@ -243,7 +241,6 @@ def test_resume_inside_an_epoch_after_time_stop(tmp_path, monkeypatch):
     and repeats the uninterrupted run step for step (augmented folder data, no workers)."""
     from types import SimpleNamespace
     import train_utils
-    from train_utils import resume_config
     data = ROOT.parent / "shared" / "data" / "lung-ct-64"
     if not data.is_dir():
         pytest.skip("needs ../shared/data/lung-ct-64")
