@@ -155,14 +155,14 @@ def check_mask(raw, full_scale, path, mask_values=None, allow_soft_masks=False):
         listed = ", ".join(str(v) for v in values.tolist())
         raise DatasetError(
             f"mask {path} looks like a label map, not a binary mask: its values are {listed}. "
-            f"Pass mask_values=[...] with the label(s) that are foreground, "
-            f"e.g. mask_values=[{values[-1]}].")
+            f"Pass --mask-values with the label(s) that are foreground, "
+            f"e.g. --mask-values {values[-1]}.")
     share = counts[intermediate].sum() / raw.size
     if share > MAX_INTERMEDIATE:
         raise DatasetError(
             f"mask {path} is not binary: {share:.0%} of its pixels lie between background and "
             f"foreground (a soft probability map, or are the image and mask folders swapped?). "
-            f"If it is a soft map, pass allow_soft_masks=True to threshold it at mask_threshold; "
+            f"If it is a soft map, pass --allow-soft-masks to threshold it at --mask-threshold; "
             f"if the folders are swapped, swap them back.")
 
 
@@ -194,7 +194,7 @@ def resolve_layout(root, split):
     if split is None:
         if not flat:
             splits = [p.name for p in sorted(root.iterdir()) if (p / "images").is_dir()]
-            hint = f"It has splits ({', '.join(splits)}): pass one as split.\n" if splits else ""
+            hint = f"It has splits ({', '.join(splits)}): name one (--split).\n" if splits else ""
             raise DatasetError(f"{root} has no images/ folder for split=None. {hint}"
                                + _layout_help(root))
         base = root
@@ -204,8 +204,9 @@ def resolve_layout(root, split):
         raise DatasetError(
             f"{root} has the flat layout (images/ and masks/, no splits), so it has no "
             f"'{split}' split; refusing to guess rather than serve the same images to every "
-            f"split. Pass split=None to read every pair (build_datasets then holds back seeded "
-            f"val/test fractions), or move the pairs into {root}/{split}/images and masks.\n"
+            f"split. main.py and evaluate.py hold back seeded fractions of a flat folder "
+            f"themselves (--val-fraction, --test-fraction; in Python, load_split or "
+            f"split=None), or move the pairs into {root}/{split}/images and masks.\n"
             + _layout_help(root))
     else:
         raise DatasetError(f"{root} has no '{split}' split ({root / split / 'images'} is "
@@ -258,12 +259,12 @@ def pair_files(image_dir, mask_dir, mask_suffix=""):
 
 
 def _suffix_hint(lonely_images, lonely_masks):
-    """' Pass mask_suffix=...' when an unpaired mask's stem is an unpaired image's plus more."""
+    """' Pass --mask-suffix ...' when an unpaired mask's stem is an unpaired image's plus more."""
     for mask_stem in lonely_masks[:20]:
         for image_stem in lonely_images:
             if mask_stem.startswith(image_stem):
                 return (f" Masks look named like {mask_stem!r}: pass "
-                        f"mask_suffix={mask_stem[len(image_stem):]!r}.")
+                        f"--mask-suffix {mask_stem[len(image_stem):]}.")
     return ""
 
 
@@ -396,9 +397,10 @@ class ContourDataset(Dataset):
         fractions = [r[2] for r in results]
         if max(fractions) == 0:
             raise DatasetError(
-                f"every mask in {self.mask_dir} is empty at mask_threshold={self.mask_threshold}"
-                f"{f' and mask_values={self.mask_values}' if self.mask_values else ''}. Check "
-                "that foreground is stored as the bright value (or as 1), or set mask_values.")
+                f"every mask in {self.mask_dir} is empty at --mask-threshold {self.mask_threshold}"
+                f"{f' and --mask-values {self.mask_values}' if self.mask_values else ''}. Check "
+                "that foreground is stored as the bright value (or as 1), or pass --mask-values "
+                "with the stored foreground value(s).")
         return [r[:2] for r in results], fractions
 
     def __len__(self):
@@ -603,6 +605,52 @@ def build_datasets(data=None, image_size=64, channels=1, val_fraction=0.1, seed=
     has_test = (root / "test" / "images").is_dir()
     test = ContourDataset(root, split="test", **common) if has_test else None
     return {"train": train, "val": val, "test": test}
+
+
+
+def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
+               synthetic_sizes=(2000, 200, 200), test_fraction=0.1, **dataset_kwargs):
+    """The `split` ("train", "val" or "test") of `data` as training drew it, read without
+    augmentation: for scoring a checkpoint on the images its run held back.
+
+    With the same arguments as `build_datasets` this gives the same images: the seeded test
+    split of the synthetic set or of a flat folder, the val fraction held back from
+    `train`. A folder's own `<split>/` is read directly, so a folder holding only `test/`
+    works too. `names` lists the images' file stems (indices for the synthetic set).
+    """
+    root = None if data is None else Path(data)
+    if root is not None and (root / split / "images").is_dir():
+        return ContourDataset(root, split=split, image_size=image_size, channels=channels,
+                              **dataset_kwargs)
+    if root is not None and split == "val":
+        split_name = next((s for s in VAL_SPLIT_NAMES if (root / s / "images").is_dir()), None)
+        if split_name:
+            return ContourDataset(root, split=split_name, image_size=image_size,
+                                  channels=channels, **dataset_kwargs)
+    if split not in ("train", "val", "test"):
+        raise DatasetError(f"--split must be train, val or test, or a folder under {data}; "
+                           f"got {split!r}")
+    flat = root is not None and (root / "images").is_dir()
+    if root is not None and not flat and not (root / "train" / "images").is_dir():
+        resolve_layout(root, split)  # raises, listing the layouts
+    datasets = build_datasets(data, image_size=image_size, channels=channels,
+                              val_fraction=val_fraction, seed=seed, augment=False,
+                              synthetic_sizes=synthetic_sizes, test_fraction=test_fraction,
+                              **dataset_kwargs)
+    dataset = datasets[split]
+    if dataset is None:
+        raise DatasetError(f"{data} has no '{split}' split: add {root / split}/images and "
+                           f"masks, or score --split val")
+    dataset.names = _item_names(dataset)
+    return dataset
+
+
+def _item_names(dataset):
+    """File stems of a ContourDataset or a Subset of one; indices otherwise."""
+    if isinstance(dataset, Subset):
+        inner = _item_names(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return list(getattr(dataset, "names", None) or map(str, range(len(dataset))))
 
 
 # ----------------------------------------------------------------------------- distance maps

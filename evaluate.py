@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint trained_models/lung-ct-64-64/best_iou.pt \
         --data ../shared/data/lung-ct-64 --split test --steps 25 --ensemble 5 --fusion mean \
         --out trained_models/lung-ct-64-64/eval
+    python evaluate.py --checkpoint CKPT                # the run's own data, its test split
     python evaluate.py --checkpoint CKPT --images DIR --out DIR     # masks for unlabelled images
 
 With masks it writes to --out:
@@ -34,8 +35,8 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 from tqdm.auto import tqdm
 
-from dataset import (IMAGE_EXTENSIONS, ContourDataset, DatasetError, fit_square,
-                     image_to_tensor, read_array)
+from dataset import (FIT_MODES, IMAGE_EXTENSIONS, DatasetError, fit_square, image_to_tensor,
+                     load_split, read_array)
 from utils import (FUSIONS, CheckpointError, auroc, fuse_samples, load_checkpoint,
                    mask_metrics, overlap_scores, read_checkpoint, uncertainty_maps)
 
@@ -245,14 +246,19 @@ def _save_png(array, path):
 
 
 # ------------------------------------------------------------------ command line
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by main.py")
-    parser.add_argument("--data", help="image/mask folder to score")
-    parser.add_argument("--split", default="test", help="split of --data to score")
+    parser.add_argument("--data", help="image/mask folder to score; default: the "
+                                       "checkpoint's own data (the synthetic set if none)")
+    parser.add_argument("--split", default="test",
+                        help="split to score: test, val, train, or a folder under --data; on "
+                             "a flat folder and the synthetic set, the seeded split training "
+                             "held back")
     parser.add_argument("--images", help="folder of images without masks: write predictions")
-    parser.add_argument("--out", required=True, help="folder for the results")
+    parser.add_argument("--out", help="folder for the results; default: eval/ (or "
+                                      "predictions/ with --images) beside the checkpoint")
     parser.add_argument("--steps", type=int, default=25,
                         help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral DDPM")
     parser.add_argument("--ensemble", type=int, default=1, help="samples per image (K)")
@@ -269,10 +275,49 @@ def main(argv=None):
     parser.add_argument("--spacing", type=float, default=1.0, help="pixel size for distances")
     parser.add_argument("--tolerance", type=float, default=2.0,
                         help="boundary F1 tolerance, in the units of --spacing")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    data = parser.add_argument_group("reading masks (default: as the checkpoint's run did)")
+    data.add_argument("--mask-values", type=int, nargs="+",
+                      help="stored mask values that are foreground")
+    data.add_argument("--mask-threshold", type=float,
+                      help="foreground where the mask is >= this fraction of full scale")
+    data.add_argument("--mask-suffix", help="ending of mask file names after the image's name")
+    data.add_argument("--allow-soft-masks", action=argparse.BooleanOptionalAction,
+                      help="accept soft masks, thresholded at --mask-threshold")
+    data.add_argument("--fit", choices=FIT_MODES, help="non-square images: pad, stretch, crop")
+    return parser
+
+
+def scored_dataset(config, args):
+    """The labelled images to score: --split of --data (default the run's own data), read
+    with the run's mask settings unless a flag overrides them, and its seeded held-back
+    splits for the synthetic set and flat folders."""
+    data = args.data if args.data is not None else config.data
+    options = {}
+    if data is not None:
+        options = dict(mask_values=args.mask_values or list(config.mask_values) or None,
+                       mask_threshold=_given(args.mask_threshold, config.mask_threshold),
+                       mask_suffix=_given(args.mask_suffix, config.mask_suffix),
+                       allow_soft_masks=_given(args.allow_soft_masks, config.allow_soft_masks),
+                       fit=_given(args.fit, config.fit))
+    return load_split(data, args.split, image_size=config.image_size, channels=config.channels,
+                      val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                      seed=config.seed,
+                      synthetic_sizes=(config.synthetic_train, config.synthetic_val,
+                                       config.synthetic_test), **options)
+
+
+def _given(flag, stored):
+    return stored if flag is None else flag
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.data is None) == (args.images is None):
-        parser.error("give exactly one of --data (with masks) and --images (without)")
+    if args.data is not None and args.images is not None:
+        parser.error("give at most one of --data (with masks) and --images (without)")
+    out = Path(args.out or Path(args.checkpoint).parent / ("predictions" if args.images
+                                                           else "eval"))
     try:
         model, diffusion, config = load_checkpoint(args.checkpoint, weights=args.weights)
         device = torch.device(args.device)
@@ -282,26 +327,27 @@ def main(argv=None):
                       batch_size=args.batch_size, seed=args.seed, amp=amp,
                       max_batch=args.max_batch)
         if args.images:
-            n = predict_folder(model, diffusion, config, args.images, args.out, **common)
-            print(f"wrote {n} masks to {Path(args.out) / 'masks'}")
+            n = predict_folder(model, diffusion, config, args.images, out, **common)
+            print(f"wrote {n} masks to {out / 'masks'}")
             return None
-        dataset = ContourDataset(args.data, split=args.split, image_size=config.image_size,
-                                 channels=config.channels)
-        metrics = evaluate(model, diffusion, dataset, args.out, eta=args.eta,
+        dataset = scored_dataset(config, args)
+        metrics = evaluate(model, diffusion, dataset, out, eta=args.eta,
                            spacing=args.spacing, tolerance=args.tolerance,
                            names=dataset.names, **common)
         state = read_checkpoint(args.checkpoint)
     except (CheckpointError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    metrics["data"] = {"data": args.data if args.data is not None else config.data,
+                       "split": args.split}
     metrics["checkpoint"] = {"path": str(args.checkpoint), "weights": args.weights,
                              "step": state["step"], "epoch": state["epoch"],
                              "config": state["config"]}
-    (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     m = metrics["metrics"]
     print(f"{metrics['images']} images: dice {m['dice']['mean']:.4f}  iou {m['iou']['mean']:.4f}  "
           f"hd95 {m['hd95']['mean']:.2f}  assd {m['assd']['mean']:.2f}  "
-          f"{metrics['seconds_per_image']:.3f} s/image  -> {args.out}")
+          f"{metrics['seconds_per_image']:.3f} s/image  -> {out}")
     return metrics
 
 

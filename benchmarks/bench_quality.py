@@ -36,8 +36,7 @@ from dataset import ContourDataset, build_datasets, make_loader, set_epoch  # no
 from evaluate import predict  # noqa: E402
 from model import UNet2D  # noqa: E402
 from train_utils import EMA, soft_dice_loss  # noqa: E402
-from utils import seed_everything  # noqa: E402
-from utils import load_checkpoint, mask_metrics, overlap_scores  # noqa: E402
+from utils import load_checkpoint, mask_metrics, overlap_scores, seed_everything  # noqa: E402
 
 # main.py flags the benchmark sets itself, for both models
 OWN_FLAGS = ("--data", "--image-size", "--seed", "--out", "--max-minutes", "--resume")

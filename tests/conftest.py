@@ -44,3 +44,5 @@ def tiny_folder(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped on the CPU "
                                        "(benchmarks/gpu_check.sh runs them)")
+    config.addinivalue_line("markers", "slow: multi-process or end-to-end (seconds each); "
+                                       "`python -m pytest -q -m 'not slow'` skips them, CI runs all")

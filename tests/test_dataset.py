@@ -248,7 +248,7 @@ def test_refuses_mask_without_image_and_suggests_suffix(tmp_path):
     renamed = tmp_path / "renamed"
     good_pair(renamed, "x")
     (renamed / "masks" / "x.png").rename(renamed / "masks" / "x_mask.png")
-    refused("mask_suffix='_mask'", renamed, split=None)
+    refused("--mask-suffix _mask", renamed, split=None)
     assert len(ContourDataset(renamed, split=None, mask_suffix="_mask")) == 1
 
 
@@ -293,7 +293,7 @@ def test_refuses_soft_mask_and_names_the_option(tmp_path):
     ramp = np.tile(np.linspace(0, 255, 32), (32, 1)).astype(np.uint8)  # a probability map
     save(tmp_path / "train" / "masks" / "case02.png", ramp)
     refused("case02.png", tmp_path)
-    refused("allow_soft_masks=True", tmp_path)
+    refused("--allow-soft-masks", tmp_path)
     contour = ContourDataset(tmp_path, allow_soft_masks=True, image_size=32)[2][1][0]
     assert contour[:, :15].sum() == 0 and contour[:, 17:].min() == 1  # thresholded at 0.5
 
@@ -314,7 +314,7 @@ def test_refuses_label_map_listing_values(tmp_path):
     labels[:16, 16:], labels[16:, :16], labels[16:, 16:] = 150, 200, 250
     save(tmp_path / "train" / "masks" / "case03.png", labels)
     message = refused("case03.png", tmp_path)
-    assert "0, 150, 200, 250" in message and "mask_values" in message
+    assert "0, 150, 200, 250" in message and "--mask-values 250" in message
     # picking the labels fixes it; other masks (0/255) then have no foreground value 200/250
     picked = ContourDataset(tmp_path, mask_values=[200, 250], image_size=32)[3][1][0]
     assert picked[:16].sum() == 0 and picked[16:].min() == 1
@@ -407,12 +407,17 @@ def test_synthetic_contract_and_masks_neither_empty_nor_full():
 
 
 def test_synthetic_is_fast():
+    """About 0.7 ms of CPU per 64 px sample. CPU time of this process, best of three
+    rounds, so another job on the machine cannot fail the test."""
     dataset = SyntheticContours(200, image_size=64)
-    start = time.perf_counter()
-    for i in range(200):
-        dataset[i]
-    per_sample = (time.perf_counter() - start) / 200
-    assert per_sample < 2e-3, f"{per_sample * 1e3:.2f} ms per 64 px sample"
+    rounds = []
+    for _ in range(3):
+        start = time.process_time()
+        for i in range(200):
+            dataset[i]
+        rounds.append((time.process_time() - start) / 200)
+    per_sample = min(rounds)
+    assert per_sample < 2e-3, f"{per_sample * 1e3:.2f} ms of CPU per 64 px sample"
 
 
 def test_synthetic_not_solved_by_a_threshold():
@@ -504,3 +509,40 @@ def test_split_indices_is_a_seeded_partition():
     assert sorted(test + val + train) == list(range(50))
     assert split_indices(50, [0.1, 0.2], seed=4) == [test, val, train]
     assert split_indices(50, [0.1, 0.2], seed=5) != [test, val, train]
+
+
+def test_every_fix_a_message_names_is_a_flag(tmp_path):
+    """The data errors recommend command-line flags; each must exist in main.py and
+    evaluate.py, so the advice can be followed as written."""
+    import re
+    import evaluate
+    import main
+    messages = []
+    soft = tmp_path / "soft"
+    split_folder(soft)
+    save(soft / "train" / "masks" / "case02.png",
+         np.tile(np.linspace(0, 255, 32), (32, 1)).astype(np.uint8))
+    messages.append(refused("case02.png", soft))
+    labels = tmp_path / "labels"
+    split_folder(labels)
+    label_map = np.zeros((32, 32), np.uint8)
+    label_map[:16], label_map[16:, 16:] = 150, 250
+    save(labels / "train" / "masks" / "case01.png", label_map)
+    messages.append(refused("case01.png", labels))
+    renamed = tmp_path / "renamed"
+    good_pair(renamed, "x")
+    (renamed / "masks" / "x.png").rename(renamed / "masks" / "x_mask.png")
+    messages.append(refused("x_mask", renamed, split=None))
+    empty = tmp_path / "empty"
+    save(empty / "images" / "e.png", np.full((32, 32), 99, np.uint8))
+    save(empty / "masks" / "e.png", np.zeros((32, 32), np.uint8))
+    messages.append(refused("empty", empty, split=None))
+    messages.append(refused("flat layout", empty, split="test"))
+    flags = {f for m in messages for f in re.findall(r"--[a-z][a-z-]+", m)}
+    assert {"--mask-values", "--allow-soft-masks", "--mask-threshold", "--mask-suffix",
+            "--test-fraction"} <= flags
+    for parser in (main.build_parser(), evaluate.build_parser()):
+        known = {s for action in parser._actions for s in action.option_strings}
+        assert flags - {"--val-fraction", "--test-fraction"} <= known, flags - known
+    assert {"--val-fraction", "--test-fraction"} <= {
+        s for action in main.build_parser()._actions for s in action.option_strings}

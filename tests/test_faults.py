@@ -39,6 +39,7 @@ def logged_steps(run):
         return max((int(r["step"]) for r in csv.DictReader(f)), default=0)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     command = [sys.executable, "main.py", *KILLABLE]
     full = tmp_path / "full"
@@ -175,6 +176,7 @@ class Hostile:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_hostile_checkpoint_is_refused_by_every_loader(tiny_run, tiny_folder, tmp_path):
     marker = tmp_path / "pwned"
     state = torch.load(tiny_run / "last.pt", weights_only=True)
@@ -209,6 +211,7 @@ def _rank_that_fails(local_rank, world_size, cfg, port):
     launcher.worker(local_rank, world_size, cfg, set(), port)
 
 
+@pytest.mark.slow
 def test_failing_rank_ends_the_job_quickly(tmp_path, capfd):
     """What `python main.py --nproc 2` does when rank 1 raises mid-epoch while rank 0 waits
     in an all-reduce: the job fails within a minute, the root error is shown, and no worker
@@ -227,6 +230,7 @@ def test_failing_rank_ends_the_job_quickly(tmp_path, capfd):
     assert not any(p.is_alive() for p in context.processes)
 
 
+@pytest.mark.slow
 def test_unwritable_run_folder_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -121,6 +121,7 @@ def _adversarial_rank(local_rank, world_size, cfg, port, result_dir):
     Path(result_dir, f"rank{local_rank}.json").write_text(json.dumps(dataclasses.asdict(result.progress)))
 
 
+@pytest.mark.slow
 def test_adversarial_two_process_gloo_run(tmp_path):
     cfg, _ = main.parse_args(ADVERSARIAL + ["--epochs", "1", "--out", str(tmp_path / "run")])
     mp.spawn(_adversarial_rank, args=(2, cfg, main.free_port(), str(tmp_path)), nprocs=2)
@@ -137,6 +138,7 @@ def test_adversarial_two_process_gloo_run(tmp_path):
     assert {"adversarial", "critic", "dice", "boundary"} <= set(header)
 
 
+@pytest.mark.slow
 def test_resume_restores_discriminator(tmp_path):
     full, _ = main.parse_args(ADVERSARIAL + ["--epochs", "3", "--out", str(tmp_path / "full")])
     train(full)
