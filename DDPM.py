@@ -82,7 +82,6 @@ def model_input(x_t, image):
     return torch.cat([x_t, image.to(x_t.dtype)], dim=1)
 
 
-
 def extract(arr, t, shape):
     """Gather arr[t] for a batch of timesteps and reshape to broadcast against `shape`."""
     out = arr.to(t.device)[t].float()                       # (B,)

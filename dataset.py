@@ -615,21 +615,17 @@ def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
 
     With the same arguments as `build_datasets` this gives the same images: the seeded test
     split of the synthetic set or of a flat folder, the val fraction held back from
-    `train`. A folder's own `<split>/` is read directly, so a folder holding only `test/`
-    works too. `names` lists the images' file stems (indices for the synthetic set).
+    `train` (and `train` without it). A folder's own `test/` (or any other named split) is
+    read directly, so a folder holding only `test/` works too. `names` lists the images'
+    file stems (indices for the synthetic set).
     """
     root = None if data is None else Path(data)
-    if root is not None and (root / split / "images").is_dir():
+    if root is not None and split not in ("train", "val") and (root / split / "images").is_dir():
         return ContourDataset(root, split=split, image_size=image_size, channels=channels,
                               **dataset_kwargs)
-    if root is not None and split == "val":
-        split_name = next((s for s in VAL_SPLIT_NAMES if (root / s / "images").is_dir()), None)
-        if split_name:
-            return ContourDataset(root, split=split_name, image_size=image_size,
-                                  channels=channels, **dataset_kwargs)
     if split not in ("train", "val", "test"):
-        raise DatasetError(f"--split must be train, val or test, or a folder under {data}; "
-                           f"got {split!r}")
+        where = f"or a folder under {data}" if data is not None else "for the synthetic set"
+        raise DatasetError(f"--split must be train, val or test ({where}); got {split!r}")
     flat = root is not None and (root / "images").is_dir()
     if root is not None and not flat and not (root / "train" / "images").is_dir():
         resolve_layout(root, split)  # raises, listing the layouts
@@ -638,9 +634,9 @@ def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
                               synthetic_sizes=synthetic_sizes, test_fraction=test_fraction,
                               **dataset_kwargs)
     dataset = datasets[split]
-    if dataset is None:
-        raise DatasetError(f"{data} has no '{split}' split: add {root / split}/images and "
-                           f"masks, or score --split val")
+    if dataset is None:   # a split folder without test/, or a flat one with --test-fraction 0
+        raise DatasetError(f"{data} has no test images: none were held back from it "
+                           f"(--test-fraction) and it has no test/ folder; score --split val")
     dataset.names = _item_names(dataset)
     return dataset
 

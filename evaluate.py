@@ -204,10 +204,13 @@ def _write_sheet(out, panels, rows_per_sheet, index):
 
 # ------------------------------------------------------------------ inference
 def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
-                   fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None):
+                   fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None, fit=None):
     """Masks for every image in `folder` (no masks needed), written at each image's own size:
-    the image is padded to a square and resized as in training, and the prediction is
-    resized back and the padding cut off."""
+    the image is made square (`fit`, default the run's) and resized as in training, and the
+    prediction is mapped back: resized and the padding cut off (pad), resized to the
+    original sides (stretch), or resized into the centre square with the cropped-off
+    border predicted background (crop)."""
+    fit = fit or config.fit
     folder, out = Path(folder), Path(out)
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
@@ -221,22 +224,32 @@ def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
             image = image_to_tensor(*read_array(path), config.channels)        # (C, H, W)
             sizes.append(image.shape[-2:])
             empty = torch.zeros(1, *image.shape[-2:], dtype=torch.uint8)
-            batch.append(fit_square(image, empty, config.image_size, "pad")[0])
+            batch.append(fit_square(image, empty, config.image_size, fit)[0])
         fused, _, unc = predict(model, diffusion, torch.stack(batch), steps, ensemble, fusion,
                                 generator=generator, amp=amp, max_batch=max_batch)
         for path, (h, w), prob, entropy in zip(paths[start:], sizes, fused.cpu(),
                                                 unc["entropy"].cpu()):
-            _save_png(_unfit(prob > 0.5, h, w, v2.InterpolationMode.NEAREST_EXACT),
+            _save_png(_unfit(prob > 0.5, h, w, fit, v2.InterpolationMode.NEAREST_EXACT),
                       out / "masks" / f"{path.stem}.png")
-            _save_png(_unfit(entropy, h, w, v2.InterpolationMode.BILINEAR),
+            _save_png(_unfit(entropy, h, w, fit, v2.InterpolationMode.BILINEAR),
                       out / "uncertainty" / f"{path.stem}.png")
     return len(paths)
 
 
-def _unfit(square, h, w, interpolation):
-    """Undo fit_square(fit="pad"): resize the (1, S, S) map to the padded side, then crop."""
+def _unfit(square, h, w, fit, interpolation):
+    """Undo fit_square: the (1, S, S) map -> (h, w) on the original picture's pixels."""
+    square = square.float()
+    if fit == "stretch":
+        return TF.resize(square, [h, w], interpolation=interpolation)[0]
+    if fit == "crop":   # the centre square was seen; the border is predicted background
+        side = min(h, w)
+        full = torch.zeros(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        full[top:top + side, left:left + side] = TF.resize(
+            square, [side, side], interpolation=interpolation)[0]
+        return full
     side = max(h, w)
-    full = TF.resize(square.float(), [side, side], interpolation=interpolation)
+    full = TF.resize(square, [side, side], interpolation=interpolation)
     top, left = (side - h) // 2, (side - w) // 2
     return full[0, top:top + h, left:left + w]
 
@@ -257,8 +270,8 @@ def build_parser():
                              "a flat folder and the synthetic set, the seeded split training "
                              "held back")
     parser.add_argument("--images", help="folder of images without masks: write predictions")
-    parser.add_argument("--out", help="folder for the results; default: eval/ (or "
-                                      "predictions/ with --images) beside the checkpoint")
+    parser.add_argument("--out", help="folder for the results; default: eval-<checkpoint "
+                                      "name>/ (predict-<name>/ with --images) beside it")
     parser.add_argument("--steps", type=int, default=25,
                         help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral DDPM")
     parser.add_argument("--ensemble", type=int, default=1, help="samples per image (K)")
@@ -277,14 +290,19 @@ def build_parser():
                         help="boundary F1 tolerance, in the units of --spacing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     data = parser.add_argument_group("reading masks (default: as the checkpoint's run did)")
-    data.add_argument("--mask-values", type=int, nargs="+",
-                      help="stored mask values that are foreground")
+    data.add_argument("--mask-values", type=int, nargs="*",
+                      help="stored mask values that are foreground; the flag alone, without "
+                           "values, thresholds at --mask-threshold instead")
     data.add_argument("--mask-threshold", type=float,
                       help="foreground where the mask is >= this fraction of full scale")
     data.add_argument("--mask-suffix", help="ending of mask file names after the image's name")
     data.add_argument("--allow-soft-masks", action=argparse.BooleanOptionalAction,
                       help="accept soft masks, thresholded at --mask-threshold")
     data.add_argument("--fit", choices=FIT_MODES, help="non-square images: pad, stretch, crop")
+    data.add_argument("--val-fraction", type=float,
+                      help="fraction of train held back as val (no val split)")
+    data.add_argument("--test-fraction", type=float,
+                      help="fraction held back as test from a flat images/ + masks/ folder")
     return parser
 
 
@@ -295,13 +313,15 @@ def scored_dataset(config, args):
     data = args.data if args.data is not None else config.data
     options = {}
     if data is not None:
-        options = dict(mask_values=args.mask_values or list(config.mask_values) or None,
+        values = list(config.mask_values) if args.mask_values is None else args.mask_values
+        options = dict(mask_values=values or None,
                        mask_threshold=_given(args.mask_threshold, config.mask_threshold),
                        mask_suffix=_given(args.mask_suffix, config.mask_suffix),
                        allow_soft_masks=_given(args.allow_soft_masks, config.allow_soft_masks),
                        fit=_given(args.fit, config.fit))
     return load_split(data, args.split, image_size=config.image_size, channels=config.channels,
-                      val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                      val_fraction=_given(args.val_fraction, config.val_fraction),
+                      test_fraction=_given(args.test_fraction, config.test_fraction),
                       seed=config.seed,
                       synthetic_sizes=(config.synthetic_train, config.synthetic_val,
                                        config.synthetic_test), **options)
@@ -316,8 +336,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.data is not None and args.images is not None:
         parser.error("give at most one of --data (with masks) and --images (without)")
-    out = Path(args.out or Path(args.checkpoint).parent / ("predictions" if args.images
-                                                           else "eval"))
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out or checkpoint.parent / (f"predict-{checkpoint.stem}" if args.images
+                                                else f"eval-{checkpoint.stem}"))
     try:
         model, diffusion, config = load_checkpoint(args.checkpoint, weights=args.weights)
         device = torch.device(args.device)
@@ -327,7 +348,8 @@ def main(argv=None):
                       batch_size=args.batch_size, seed=args.seed, amp=amp,
                       max_batch=args.max_batch)
         if args.images:
-            n = predict_folder(model, diffusion, config, args.images, out, **common)
+            n = predict_folder(model, diffusion, config, args.images, out, fit=args.fit,
+                               **common)
             print(f"wrote {n} masks to {out / 'masks'}")
             return None
         dataset = scored_dataset(config, args)
@@ -335,7 +357,7 @@ def main(argv=None):
                            spacing=args.spacing, tolerance=args.tolerance,
                            names=dataset.names, **common)
         state = read_checkpoint(args.checkpoint)
-    except (CheckpointError, DatasetError) as e:
+    except (CheckpointError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     metrics["data"] = {"data": args.data if args.data is not None else config.data,

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from dataset import available_cpus
 from train_utils import NonFiniteLossError, RunFolderError, train
-from utils import CheckpointError, TrainConfig, print0, resume_config
+from utils import UNET_KEYS, CheckpointError, TrainConfig, print0, resume_config
 
 
 def build_parser():
@@ -52,6 +52,10 @@ def parse_args(argv=None):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(parser.parse_args(argv)))
+    unet_only = sorted(explicit & set(UNET_KEYS))
+    if args.model != "unet2d" and unet_only:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in unet_only)} set(s) "
+                     f"unet2d's shape; --model {args.model} builds with its own defaults")
     return TrainConfig(**vars(args)), explicit
 
 

@@ -234,10 +234,12 @@ class EncoderUNet(nn.Module):
     """A UNet whose encoder is a torchvision classification network (random init), for
     `forward(x_in, t)` like UNet2D.
 
-    encoder: "convnext_tiny" (Liu et al. 2022; LayerNorm, stride-4 patchify stem) or
+    encoder: "convnext_tiny" (Liu et al. 2022; LayerNorm, stride-4 patchify stem; its
+        stochastic depth off, so every block trains at every step, as in UNet2D) or
         "resnet18" (He et al. 2016, its BatchNorm replaced by GroupNorm, which neither
         depends on the batch size nor needs syncing across processes).
-    The encoder's first convolution is rebuilt for `in_channels`. The timestep enters the
+    The encoder's first convolution is rebuilt for `in_channels`, initialised as
+    torchvision initialises the rest of that network. The timestep enters the
     encoder as a per-channel scale and shift after each of its stages (zero-initialised, so
     training starts from the plain encoder) and every decoder block as in UNet2D. The
     decoder climbs back one encoder stage at a time (upsample, concatenate the stage's
@@ -279,6 +281,9 @@ class EncoderUNet(nn.Module):
                              f"got {h}x{w}. Resize the images (--image-size).")
 
     def forward(self, x_in, t):
+        if x_in.shape[1] != self.in_channels:
+            raise ValueError(f"EncoderUNet expects {self.in_channels} input channels "
+                             f"(noisy mask + image), got {x_in.shape[1]}")
         self.check_size(*x_in.shape[-2:])
         emb = self.time_embed(t).to(x_in.dtype)                          # (B, emb)
         h = self.stem_block(self.stem(x_in), emb)                         # (B, stem, H, W)
@@ -301,16 +306,20 @@ def _encoder_stages(name, in_channels):
     """A torchvision network cut into stages that each lower the resolution, its first
     convolution rebuilt for `in_channels`: (ModuleList of stages, output width of each)."""
     if name == "convnext_tiny":
-        features = torchvision.models.convnext_tiny(weights=None).features
+        features = torchvision.models.convnext_tiny(weights=None,
+                                                    stochastic_depth_prob=0.0).features
         first = features[0][0]                                        # 4x4 stride-4 patchify
         features[0][0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size,
                                    first.stride)
+        nn.init.trunc_normal_(features[0][0].weight, std=0.02)       # as torchvision's ConvNeXt
+        nn.init.zeros_(features[0][0].bias)
         # features: stem, stage 1, downsample, stage 2, ... -> 1/4, 1/8, 1/16, 1/32
         stages = [nn.Sequential(features[i], features[i + 1]) for i in range(0, 8, 2)]
         return nn.ModuleList(stages), [96, 192, 384, 768]
     net = torchvision.models.resnet18(
         weights=None, norm_layer=lambda c: nn.GroupNorm(_num_groups(c), c))
     net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
     stages = [nn.Sequential(net.conv1, net.bn1, net.relu),           # 1/2
               nn.Sequential(net.maxpool, net.layer1),                # 1/4
               net.layer2, net.layer3, net.layer4]                    # 1/8, 1/16, 1/32
@@ -327,13 +336,17 @@ MODELS = {
 }
 
 
-def build_model(name, in_channels, out_channels, **opts):
-    """MODELS[name](in_channels=..., out_channels=..., **opts), or a clear error naming the
-    registered backbones."""
+def check_registered(name):
+    """A clear error, naming the registered backbones, unless MODELS has `name`."""
     if name not in MODELS:
         raise ValueError(f"no backbone named {name!r} in model.MODELS (registered: "
-                         f"{', '.join(sorted(MODELS))}). A backbone of your own must be "
-                         f"registered in this process first: model.MODELS[{name!r}] = MyNet")
+                         f"{', '.join(sorted(MODELS))}). Add yours to MODELS in model.py, or "
+                         f"register it in this process first: model.MODELS[{name!r}] = MyNet")
+
+
+def build_model(name, in_channels, out_channels, **opts):
+    """MODELS[name](in_channels=..., out_channels=..., **opts)."""
+    check_registered(name)
     return MODELS[name](in_channels=in_channels, out_channels=out_channels, **opts)
 
 

@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 
 from dataset import WithDistanceMaps, build_datasets, make_loader, set_epoch, signed_distance_map
 from DDPM import Diffusion, model_input
-from DDPM import cosine_beta_schedule, linear_beta_schedule  # noqa: F401  (the original README imports them from here)
-from model import PatchDiscriminator
-from utils import (CheckpointError, Progress, TrainConfig, build_model_and_diffusion,  # noqa: F401  (TrainConfig: notebooks import it from here)
-                   checkpoint_state, find_resume_checkpoint, is_main, overlap_scores, print0,
-                   restore_checkpoint, save_checkpoint, save_images, seed_everything,
-                   set_rng_state, unwrap)
+from model import PatchDiscriminator, check_registered
+from utils import (CheckpointError, Progress, build_model_and_diffusion, checkpoint_state,
+                   find_resume_checkpoint, is_main, overlap_scores, print0, restore_checkpoint,
+                   save_checkpoint, save_images, seed_everything, set_rng_state, unwrap)
+
+# also importable from here, as the original README and notebooks have them
+from DDPM import cosine_beta_schedule, linear_beta_schedule, shift_alphas_cumprod  # noqa: F401
+from utils import TrainConfig, resume_config  # noqa: F401
 from utils import rank as get_rank, world_size as get_world_size
 
 
@@ -271,7 +273,7 @@ class MetricsLog:
         self.columns = self.part_names = None   # known at the first step's loss parts
         self.rows = []
         self.running, self.steps = None, 0      # summed losses since the last row
-        self.new_epoch()
+        self.restart_clock()
 
     def _open(self, part_names):
         self.part_names = part_names
@@ -288,8 +290,9 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(self.rows)
 
-    def new_epoch(self):
-        """Images/s counts training only: restart its clock after validation and saves."""
+    def restart_clock(self):
+        """Images/s counts training only: its clock restarts after each row and at each
+        epoch's start, so validation and saves are left out."""
         self.tick, self.images = time.time(), 0
 
     def add_step(self, loss, parts, images):
@@ -310,12 +313,11 @@ class MetricsLog:
                    elapsed_s=elapsed_s, **dict(zip(self.part_names, means[1:])))
         self.running.zero_()
         self.steps = 0
-        self.new_epoch()
+        self.restart_clock()
         return means[0], speed
 
     def write(self, **row):
-        if self.columns is None:   # a validation before any step: no loss parts known
-            self._open([])
+        """One row (a validation's, or write_losses'); the columns come from the first step."""
         if is_main():
             row = {k: _fmt(v) for k, v in row.items()}
             self.rows.append(row)
@@ -323,10 +325,16 @@ class MetricsLog:
                 csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
 
     def plot(self):
-        """Draw progress.png from every row so far (rank 0; matplotlib, loaded on first use,
-        through its object API: no pyplot state, no display needed)."""
-        if not is_main() or not self.rows:
-            return
+        """Draw progress.png from every row so far (rank 0). Best effort: a picture that
+        cannot be drawn is reported and training goes on."""
+        if is_main() and self.rows:
+            try:
+                self._draw()
+            except Exception as e:  # noqa: BLE001 - a missing picture must not end a run
+                print0(f"progress.png not drawn: {type(e).__name__}: {e}")
+
+    def _draw(self):
+        # matplotlib's object API: no pyplot state, no display needed; loaded on first use
         from matplotlib.figure import Figure
 
         def series(name):
@@ -340,8 +348,11 @@ class MetricsLog:
             steps, values = series(name)
             if steps:
                 ax_loss.plot(steps, values, label=name, lw=1.2 if name == "loss" else 0.8)
-        ax_loss.set(yscale="log", ylabel="training loss")
-        ax_loss.legend(fontsize=8)
+        # symlog: log-like, but keeps the negative parts (the boundary and hinge terms)
+        ax_loss.set_yscale("symlog", linthresh=1e-2)
+        ax_loss.set_ylabel("training loss and parts")
+        if ax_loss.lines:
+            ax_loss.legend(fontsize=8)
         ax_lr.plot(*series("lr"), color="tab:gray")
         ax_lr.set(ylabel="learning rate")
         ax_val.plot(*series("val_iou"), "o-", color="tab:green", ms=3, label="val IoU")
@@ -476,18 +487,22 @@ class TrainResult(NamedTuple):
 
 @dataclass
 class TrainState:
-    """Everything a training step touches, built once by `build_state`."""
+    """Everything a training step touches, built once by `build_state`; not saved (the
+    checkpoint holds its weights and optimiser state, `Progress` the counters)."""
     raw_model: torch.nn.Module          # the plain model: optimiser, EMA and checkpoints
     model: torch.nn.Module              # what the step calls: raw_model under DDP / compile
     diffusion: Diffusion
-    ema: "EMA"
+    ema: EMA
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    adversary: Optional["Adversary"]
+    adversary: Optional[Adversary]
+    device: torch.device
     dtype: Optional[torch.dtype]        # autocast dtype; None = fp32
     channels_last: bool
-    nonfinite_streak: int = 0
+    nonfinite_streak: int = 0           # skipped steps in a row
+    last_eval_step: int = -1            # the step of the last validation and last.pt save,
+    last_save_step: int = -1            # so a stop right after one does not repeat it
 
 
 def pick_device():
@@ -497,9 +512,11 @@ def pick_device():
     return torch.device("cpu")
 
 
-def resume_checkpoint(cfg, resume_from):
-    """The checkpoint to continue: `resume_from`, or what `cfg.resume` names, or None for a
-    fresh run, which may not overwrite a run folder that already holds one."""
+def check_run(cfg, resume_from):
+    """Before any data is read: the backbone is registered, and the run folder is either
+    resumed or empty. Returns the checkpoint to continue (`resume_from`, or what
+    `cfg.resume` names), or None for a fresh run."""
+    check_registered(cfg.model)
     if resume_from is None:
         resume_from = find_resume_checkpoint(cfg)
     out = Path(cfg.out)
@@ -568,7 +585,7 @@ def build_state(cfg, device):
     adversary = (Adversary(cfg, device, dtype, get_world_size()) if cfg.loss_adversarial
                  else None)
     return TrainState(raw_model, raw_model, diffusion, ema, optimizer, scheduler, scaler,
-                      adversary, dtype, channels_last)
+                      adversary, device, dtype, channels_last)
 
 
 def restore(state, cfg, path):
@@ -603,9 +620,17 @@ def wrap_model(model, cfg, device):
     return torch.compile(model) if cfg.compile else model
 
 
-def epoch_batches(loader, epoch, progress, rng, cfg, device):
-    """This epoch's batches, past those a mid-epoch resume already trained on, with the RNG
-    state the run had there. Returns (iterator, batches already done)."""
+def deadline(minutes):
+    """A function telling whether `minutes` of wall time have passed since this call (never
+    for minutes <= 0)."""
+    end = time.time() + 60 * minutes
+    return lambda: minutes > 0 and time.time() > end
+
+
+def epoch_batches(state, cfg, progress, loader, epoch, rng):
+    """This epoch's batches, past those a mid-epoch resume already trained on, and with the
+    RNG state the run had there (`rng`, first epoch of a resume only). Returns (iterator,
+    batches already done)."""
     set_epoch(loader, epoch)
     batches = iter(loader)
     skip = progress.batch if epoch == progress.epoch else 0
@@ -613,24 +638,24 @@ def epoch_batches(loader, epoch, progress, rng, cfg, device):
         next(batches)
     if rng is not None:  # after the skipped batches drew their augmentation
         set_rng_state(rng)
-        if "cuda" not in rng and device.type == "cuda":
+        if "cuda" not in rng and state.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1000 * epoch + get_rank())
     return batches, skip
 
 
-def train_step(state, batch, cfg, device, progress):
+def train_step(state, cfg, progress, batch):
     """One optimiser step on one batch: (loss, parts), or None when the loss or gradient was
     not finite and the step was skipped."""
     s, diffusion = state, state.diffusion
-    image, mask, *extra = (x.to(device, non_blocking=True) for x in batch)
+    image, mask, *extra = (x.to(s.device, non_blocking=True) for x in batch)
     distances = extra[0] if extra else None                   # (B, 1, H, W)
     x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
-    t = diffusion.sample_timesteps(x0.shape[0], device=device)
+    t = diffusion.sample_timesteps(x0.shape[0], device=s.device)
     x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
     x_in = model_input(x_t, image)                            # (B, 1 + C, H, W)
     if s.channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
-    with autocast(device, s.dtype):
+    with autocast(s.device, s.dtype):
         output = s.model(x_in, t)                             # (B, 1, H, W)
     loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
                           diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image, cfg=cfg,
@@ -679,11 +704,31 @@ def skip_nonfinite_step(state, cfg, progress):
             f"--lr, --amp off or bf16, or check loss_fn")
 
 
-def validate_and_record(state, cfg, progress, val_loader, log, device, epoch, elapsed_s):
+def end_epoch(state, cfg, progress, val_loader, log, epoch, stopped, elapsed_s):
+    """After an epoch, or a stop inside one: validate when due, decide whether to stop early,
+    save what is due. Returns the validation's pictures, or None."""
+    last_epoch = stopped or epoch + 1 == cfg.epochs
+    saves, vis = [], None
+    if state.last_eval_step != progress.step and (last_epoch or (epoch + 1) % cfg.eval_every == 0):
+        state.last_eval_step = progress.step
+        vis, saves = validate_and_record(state, cfg, progress, val_loader, log, epoch, elapsed_s)
+        progress.stopped_early = progress.bad_evals >= cfg.patience
+    progress.stopped_by_time = stopped
+    finishing = last_epoch or progress.stopped_early
+    if state.last_save_step != progress.step and (finishing or (epoch + 1) % cfg.save_every == 0):
+        saves.append("last.pt")
+    if saves:
+        save_run(state, cfg, progress, saves, vis)
+        if "last.pt" in saves:
+            state.last_save_step = progress.step
+    return vis
+
+
+def validate_and_record(state, cfg, progress, val_loader, log, epoch, elapsed_s):
     """Validate the EMA model, fold the scores into `progress`, log and plot them.
     Returns (pictures of the first batch, the files to save)."""
     val_mse, val_iou, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
-                                     device, state.dtype)
+                                     state.device, state.dtype)
     saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
     print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
            f"(best {progress.best_iou:.4f}, {progress.bad_evals}/{cfg.patience} without gain)")
@@ -693,7 +738,7 @@ def validate_and_record(state, cfg, progress, val_loader, log, device, epoch, el
     return vis, saves + [f"samples_epoch{epoch + 1:04d}.png"]
 
 
-def save_run(state, cfg, progress, names, vis, device):
+def save_run(state, cfg, progress, names, vis):
     """Write the named checkpoints and pictures to the run folder (rank 0). Every rank learns
     whether rank 0 saved, instead of waiting at a barrier, and all fail together if not."""
     out = Path(cfg.out)
@@ -709,7 +754,7 @@ def save_run(state, cfg, progress, names, vis, device):
                     save_checkpoint(checkpoint, out / name, keep_previous=name == "last.pt")
         except Exception as e:  # any failure: the other ranks must hear of it
             failure = e
-    if all_reduce_sums([float(failure is not None)], device)[0] > 0:
+    if all_reduce_sums([float(failure is not None)], state.device)[0] > 0:
         if failure is not None and not isinstance(failure, OSError):
             raise failure
         raise RunFolderError(f"could not write to the run folder {out}: "
@@ -723,7 +768,7 @@ def train(cfg, resume_from=None, device=None):
     the CPU. Returns a TrainResult on every rank."""
     device = torch.device(device) if device is not None else pick_device()
     world = get_world_size()
-    resume_from = resume_checkpoint(cfg, resume_from)
+    resume_from = check_run(cfg, resume_from)
     datasets, train_loader, val_loader = build_loaders(cfg, device)
     state = build_state(cfg, device)
     if resume_from is not None:
@@ -732,6 +777,7 @@ def train(cfg, resume_from=None, device=None):
         progress, rng = Progress(), None
         seed_everything(cfg.seed + get_rank())  # per-rank streams for t, noise, augmentation
     state.model = wrap_model(state.raw_model, cfg, device)
+    state.last_eval_step = state.last_save_step = progress.step
     log = MetricsLog(cfg.out, device, resume_step=progress.step if resume_from else None)
     control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     stop = StopSignal(control)
@@ -739,25 +785,24 @@ def train(cfg, resume_from=None, device=None):
            f"{len(datasets['val'])} val images, {cfg.batch_size // world} per process per "
            f"step, amp={state.dtype}, run folder {cfg.out}")
 
-    start = time.time()
-    time_over = lambda: cfg.max_minutes > 0 and time.time() - start > 60 * cfg.max_minutes  # noqa: E731
-    last_eval = last_save = progress.step
+    start, out_of_time = time.time(), deadline(cfg.max_minutes)
     vis = None
     for epoch in range(progress.epoch, cfg.epochs):
         state.model.train()
-        batches, done = epoch_batches(train_loader, epoch, progress, rng, cfg, device)
-        rng, stopped = None, False
+        batches, done = epoch_batches(state, cfg, progress, train_loader, epoch, rng)
+        rng = None   # used up: only a resume's first epoch restores it
         bar = tqdm(total=len(train_loader), initial=done, disable=not is_main(), leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
-        log.new_epoch()
+        log.restart_clock()
+        stopped = False
         while done < len(train_loader):
-            if stop.poll(time_over()):  # before fetching, so a resume fetches the same batch
+            if stop.poll(out_of_time()):  # before fetching, so a resume fetches the same batch
                 stopped = True
                 break
             batch = next(batches)
             done += 1
             bar.update()
-            result = train_step(state, batch, cfg, device, progress)
+            result = train_step(state, cfg, progress, batch)
             if result is None:
                 continue
             log.add_step(*result, images=batch[0].shape[0])
@@ -767,27 +812,14 @@ def train(cfg, resume_from=None, device=None):
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
         bar.close()
 
-        # ---- end of epoch (or a stop inside it): validate, decide, save
-        stopped = stop.settle(stopped or time_over())
+        stopped = stop.settle(stopped or out_of_time())    # every rank agrees
         progress.epoch, progress.batch = ((epoch + 1, 0) if done == len(train_loader)
                                           else (epoch, done))  # a resume trains the rest
-        finishing = stopped or epoch + 1 == cfg.epochs
-        saves = []
-        if last_eval != progress.step and (finishing or (epoch + 1) % cfg.eval_every == 0):
-            last_eval = progress.step
-            vis, saves = validate_and_record(state, cfg, progress, val_loader, log, device,
-                                             epoch, time.time() - start)
-            progress.stopped_early = progress.bad_evals >= cfg.patience
-        progress.stopped_by_time = stopped
-        finishing = finishing or progress.stopped_early
-        if last_save != progress.step and (finishing or (epoch + 1) % cfg.save_every == 0):
-            saves.append("last.pt")
-            last_save = progress.step
-        if saves:
-            save_run(state, cfg, progress, saves, vis, device)
-        if stopped or progress.stopped_early:
+        vis = end_epoch(state, cfg, progress, val_loader, log, epoch, stopped,
+                        time.time() - start) or vis
+        if progress.stopped_by_time or progress.stopped_early:
             print0(f"stopping after epoch {epoch + 1}: "
-                   + ("time budget reached" if stopped else
+                   + ("time budget reached" if progress.stopped_by_time else
                       f"val IoU has not improved for {cfg.patience} validations"))
             break
 

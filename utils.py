@@ -633,8 +633,11 @@ def uncertainty_maps(probs):
     """Per-pixel uncertainty of K samples, (B, K, H, W) -> dict of (B, 1, H, W) maps:
     variance of the sampled probabilities, and the binary entropy (bits, in [0, 1]) of
     their mean."""
-    mean = probs.mean(1, keepdim=True).clamp(1e-6, 1 - 1e-6)
-    entropy = -(mean * mean.log2() + (1 - mean) * (1 - mean).log2())
+    mean = probs.mean(1, keepdim=True).clamp(0, 1)
+    # xlogy: exactly 0 at 0 and 1 and symmetric in p <-> 1 - p (a clamp to [eps, 1 - eps]
+    # in float32 is not, and would rank all-foreground pixels above all-background ones)
+    entropy = -(torch.special.xlogy(mean, mean) + torch.special.xlogy(1 - mean, 1 - mean))
+    entropy = entropy / math.log(2)
     return {"variance": probs.var(1, unbiased=False, keepdim=True), "entropy": entropy}
 
 

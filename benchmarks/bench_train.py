@@ -1,6 +1,7 @@
-"""Training-step throughput and model-FLOPs utilisation (MFU) of UNet2D.
+"""Training-step throughput and model-FLOPs utilisation (MFU) of the backbones.
 
     python benchmarks/bench_train.py                          # CPU, fp32, 64/128/256 px
+    python benchmarks/bench_train.py --configs default convnext_tiny resnet18 --sizes 64
     python benchmarks/bench_train.py --device cuda --sizes 256 --amp bf16 fp16 --compile both
 
 A step is what train() does: forward, MSE backward, AdamW step and EMA update, on random
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import UNet2D, count_parameters, estimate_flops  # noqa: E402
+from model import build_model, count_parameters, estimate_flops  # noqa: E402
 from train_utils import EMA  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,9 +34,12 @@ DATASHEET_PEAKS = {"H100 SXM": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
                    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
                    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
                    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
-CONFIGS = {"default": {},
-           "base32": {"base_channels": 32},       # the peer's width and levels: dim 32, (1, 2, 4, 8)
-           "large": {"base_channels": 32, "num_res_blocks": 2}}   # two blocks per level, 15.9 M
+# name -> (model.MODELS entry, its options)
+CONFIGS = {"default": ("unet2d", {}),
+           "base32": ("unet2d", {"base_channels": 32}),  # the peer's width and levels: dim 32, (1, 2, 4, 8)
+           "large": ("unet2d", {"base_channels": 32, "num_res_blocks": 2}),  # two blocks per level, 15.9 M
+           "convnext_tiny": ("convnext_tiny", {}),       # torchvision encoders, UNet decoder
+           "resnet18": ("resnet18", {})}
 
 
 def synchronize(device):
@@ -82,8 +86,9 @@ def time_steps(step, device, warmup, seconds):
     return (time.perf_counter() - start) / count
 
 
-def unet_step(size, batch, device, dtype, compile, channels_last, config):
-    model = UNet2D(**config).to(device)
+def model_step(size, batch, device, dtype, compile, channels_last, config):
+    name, opts = config
+    model = build_model(name, in_channels=2, out_channels=1, **opts).to(device)
     flops = estimate_flops(model, size)
     params = count_parameters(model)
     if channels_last:
@@ -165,7 +170,7 @@ def main():
         for size in args.sizes:
             for name in dtypes:
                 for compile in compiles:
-                    step, flops, params = unet_step(size, batch, device, DTYPES[name], compile,
+                    step, flops, params = model_step(size, batch, device, DTYPES[name], compile,
                                                     channels_last, CONFIGS[config_name])
                     seconds = time_steps(step, device, warmup=5 if compile else 2,
                                          seconds=args.seconds)
@@ -182,7 +187,7 @@ def main():
                         row["datasheet"] = sheet[0]
                         row["mfu_datasheet"] = achieved / sheet[1]
                     rows.append(row)
-                    print(f"{config_name:8s} {size:4d}px {name:5s} compile={compile!s:5s} "
+                    print(f"{config_name:13s} {size:4d}px {name:5s} compile={compile!s:5s} "
                           f"{images_per_s:9.1f} img/s  MFU {row['mfu_measured_peak']:.1%}",
                           flush=True)
     peer = None
@@ -198,10 +203,10 @@ def main():
                     "mfu_measured_peak": (3 * flops * images_per_s / peaks["fp32"]
                                           if "fp32" in peaks else None)}
 
-    print(f"\n{'model':8s} {'params':>7s} {'size':>5s} {'dtype':>5s} {'compile':>7s} "
+    print(f"\n{'model':13s} {'params':>7s} {'size':>5s} {'dtype':>5s} {'compile':>7s} "
           f"{'img/s':>9s} {'TFLOP/s':>8s} {'peak':>7s} {'MFU':>6s}")
     for r in rows:
-        print(f"{r['model']:8s} {r['params'] / 1e6:6.2f}M {r['size']:5d} {r['dtype']:>5s} "
+        print(f"{r['model']:13s} {r['params'] / 1e6:6.2f}M {r['size']:5d} {r['dtype']:>5s} "
               f"{r['compile']!s:>7s} {r['images_per_s']:9.1f} {r['achieved_tflops']:8.3f} "
               f"{r['measured_peak_tflops']:7.2f} {r['mfu_measured_peak']:6.1%}"
               + (f"  ({r['mfu_datasheet']:.1%} of {r['datasheet']} data sheet)"

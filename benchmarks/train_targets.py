@@ -2,13 +2,15 @@
 
     python benchmarks/train_targets.py synthetic                 # `python main.py`, no flags
     python benchmarks/train_targets.py lung --prediction eps x0 v --minutes 10
+    python benchmarks/train_targets.py lung --prediction x0 --model unet2d convnext_tiny resnet18
 
 `synthetic` times the no-argument run and reads its best EMA val IoU; beside it, the IoU of
 the best global intensity threshold and of the best per-image threshold on the same val set
 (`dataset.threshold_baseline`), the floor the model must beat. `lung` trains on
-lung-ct-64 at 64 px for --minutes per prediction type (same seed), then scores
-best_iou.pt (EMA weights) on the test split: Dice and IoU of a single sample with 25 DDIM
-steps, threshold 0.5. Prints a table and writes JSON next to the runs.
+lung-ct-64 at 64 px for --minutes per backbone (--model) and prediction type (same seed),
+one run at a time, then scores best_iou.pt (EMA weights) on the test split: Dice and IoU of
+a single sample with 25 DDIM steps, threshold 0.5. Prints a table and writes JSON next to
+the runs.
 """
 import argparse
 import json
@@ -57,6 +59,8 @@ def main():
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "lung-ct-64"))
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--prediction", nargs="+", default=["eps", "x0", "v"])
+    parser.add_argument("--model", nargs="+", default=["unet2d"],
+                        help="backbones from model.MODELS")
     parser.add_argument("--out", default=str(ROOT / "trained_models" / "targets"))
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further main.py flags for every run")
@@ -83,21 +87,28 @@ def main():
         print(f"{r['run']:16s} {r['minutes']:8.2f} {r['epochs']:7d} {r['best_val_iou']:13.4f} "
               f"{r['threshold_iou_global']:17.4f} / {r['threshold_iou_per_image']:.4f}")
     else:
-        for prediction in args.prediction:
-            run = out / f"lung-{prediction}"
-            flags = ["--data", args.data, "--image-size", "64", "--max-minutes",
-                     str(args.minutes), "--prediction", prediction, *args.extra]
-            seconds = run_main(flags, run)
-            dice, iou, n = test_scores(run / "best_iou.pt", args.data)
-            state = torch.load(run / "best_iou.pt", weights_only=True)
-            results.append({"prediction": prediction, "minutes": seconds / 60,
-                            "best_epoch": state["epoch"], "best_val_iou": state["best_iou"],
-                            "test_dice": dice, "test_iou": iou, "test_images": n,
-                            "flags": flags})
-        print(f"\n{'prediction':10s} {'minutes':>8s} {'best epoch':>10s} {'val IoU':>8s} "
-              f"{'test Dice':>9s} {'test IoU':>9s}")
+        for model_name in args.model:
+            for prediction in args.prediction:
+                name = prediction if model_name == "unet2d" else f"{model_name}-{prediction}"
+                run = out / f"lung-{name}"
+                flags = ["--data", args.data, "--image-size", "64", "--max-minutes",
+                         str(args.minutes), "--prediction", prediction, "--model", model_name,
+                         *args.extra]
+                seconds = run_main(flags, run)
+                dice, iou, n = test_scores(run / "best_iou.pt", args.data)
+                state = torch.load(run / "best_iou.pt", weights_only=True)
+                last = torch.load(run / "last.pt", weights_only=True)
+                results.append({"model": model_name, "prediction": prediction,
+                                "minutes": seconds / 60, "best_epoch": state["epoch"],
+                                "epochs": last["epoch"], "steps": last["step"],
+                                "best_val_iou": state["best_iou"], "test_dice": dice,
+                                "test_iou": iou, "test_images": n, "flags": flags})
+        print(f"\n{'model':13s} {'prediction':10s} {'minutes':>8s} {'epochs':>6s} "
+              f"{'steps':>6s} {'best epoch':>10s} {'val IoU':>8s} {'test Dice':>9s} "
+              f"{'test IoU':>9s}")
         for r in results:
-            print(f"{r['prediction']:10s} {r['minutes']:8.2f} {r['best_epoch']:10d} "
+            print(f"{r['model']:13s} {r['prediction']:10s} {r['minutes']:8.2f} "
+                  f"{r['epochs']:6d} {r['steps']:6d} {r['best_epoch']:10d} "
                   f"{r['best_val_iou']:8.4f} {r['test_dice']:9.4f} {r['test_iou']:9.4f}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.target}.json"

@@ -34,7 +34,13 @@ def test_linear_schedule_and_diffusion_buffers():
         d = Diffusion(1000, schedule=schedule)
         assert d.alphas_cumprod.dtype == torch.float32
         assert (d.alphas_cumprod[1:] < d.alphas_cumprod[:-1]).all()
-        assert torch.isfinite(d.posterior_log_variance_clipped).all()
+        # beta~_0 = 0 (x_0 is not noised); its log is clipped to the t=1 value, the rest
+        # is the log of the posterior variance itself
+        variance = d.posterior_variance.double()
+        log_variance = d.posterior_log_variance_clipped.double()
+        assert variance[0] == 0 and (variance[1:] > 0).all()
+        assert log_variance[0] == log_variance[1]
+        assert torch.allclose(log_variance[1:], variance[1:].log(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
@@ -201,6 +207,11 @@ def test_seeded_sampling_is_deterministic(steps, eta):
     assert not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
     assert model.training  # sample() restores the model's mode
+    # sample() is the last x0 of sample_progressive(), mapped from [-1, 1] to [0, 1]
+    with torch.no_grad():
+        *_, (t_last, _, x0) = d.sample_progressive(model.eval(), image, steps=steps, eta=eta,
+                                                   generator=torch.Generator().manual_seed(5))
+    assert t_last == 0 and torch.equal(a, ((x0 + 1) / 2).clamp(0, 1))
 
 
 def test_sample_timesteps_uniform_range():

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -98,7 +99,18 @@ def test_fusion_modes():
         assert fused.shape == (2, 1, 3, 3)
     assert torch.allclose(mean, torch.full_like(mean, 0.52))
     assert torch.allclose(vote, torch.full_like(vote, 0.6))     # 3 of 5 above 0.5
-    assert ((stapled >= 0) & (stapled <= 1)).all()
+    # every pixel has the same 3-of-5 votes, so no rater can be told more reliable than
+    # another: STAPLE's posterior falls back to its prior, the mean vote
+    assert torch.allclose(stapled, torch.full_like(stapled, 0.6), atol=1e-6)
+    # on varied votes: STAPLE of each image's thresholded samples, pixels in place, and
+    # confident where the samples are unanimous
+    varied = torch.rand(2, 5, 4, 6, generator=torch.Generator().manual_seed(0))
+    varied[0, :, :, :2], varied[0, :, :, 2] = 0.9, 0.1
+    fused = fuse_samples(varied, "staple")
+    for b in range(2):
+        alone = staple((varied[b] > 0.5).reshape(5, -1)).reshape(4, 6)
+        assert torch.allclose(fused[b, 0].double(), alone, atol=1e-6)
+    assert (fused[0, 0, :, :2] > 0.99).all() and (fused[0, 0, :, 2] < 0.01).all()
     with pytest.raises(ValueError):
         fuse_samples(probs, "median")
     maps = uncertainty_maps(probs)
@@ -112,6 +124,14 @@ def test_auroc():
     assert auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
     assert auroc([0.5, 0.5], [0, 1]) == 0.5
     assert math.isnan(auroc([0.1, 0.2], [0, 0]))
+    # 3 of the 4 (positive, negative) pairs ordered right; a tie counts half
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.3, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == pytest.approx(3.5 / 4)
+    # any shape is flattened; swapping the classes mirrors the area
+    scores = np.random.default_rng(0).random((4, 5))
+    labels = scores + np.random.default_rng(1).normal(0, 0.3, (4, 5)) > 0.5
+    assert auroc(scores, labels) == pytest.approx(1 - auroc(scores, ~labels))
+    assert auroc(scores, labels) == pytest.approx(auroc(scores.ravel(), labels.ravel()))
 
 
 class Noisy(torch.nn.Module):
@@ -133,30 +153,128 @@ def test_ensemble_shapes_and_batching():
     probs = d.sample(model, images, steps=5, num_samples=4, generator=torch.Generator().manual_seed(0))
     assert probs.shape == (3, 4, 8, 8)
     assert not torch.equal(probs[:, 0], probs[:, 1])     # different noise per sample
-    chunked = d.sample(model, images, steps=5, num_samples=4, max_batch=5,
-                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(probs, d.sample(model, images, steps=5, num_samples=4,
+                                       generator=torch.Generator().manual_seed(0)))
+    # from the same start noise, chunks of at most 5 of the 12 samples give the same masks
+    noise = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = d.sample(model, images, steps=5, num_samples=4, noise=noise)
+    chunked = d.sample(model, images, steps=5, num_samples=4, max_batch=5, noise=noise)
     assert chunked.shape == (3, 4, 8, 8)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    # each image's K samples are adjacent in the noise: sample 2 of image 1 starts at 4*1+2
+    alone = d.sample(model, images[1:2], steps=5, noise=noise[6:7])
+    assert torch.allclose(alone[0, 0], whole[1, 2], atol=1e-6)
     single = d.sample(model, images, steps=5)
     assert single.shape == (3, 1, 8, 8)
 
 
+class Thresholder(torch.nn.Module):
+    """An x0-predicting 'model' whose mask is its image above 0.5, whatever the noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))   # gives the sampler a device
+
+    def forward(self, x_in, t):
+        return (x_in[:, 1:2] > 0.5).float() * 2 - 1 + self.dummy
+
+
+def test_evaluate_scores_crafted_cases_with_known_answers(tmp_path):
+    """Five 16 x 16 cases with known scores: missed, false alarm, both empty, exact, half."""
+    def box(rows, cols):
+        m = torch.zeros(1, 16, 16)
+        m[:, rows, cols] = 1
+        return m
+    empty = torch.zeros(1, 16, 16)
+    cases = [(empty, box(slice(2, 6), slice(2, 6))),            # truth 16 px, none predicted
+             (box(slice(1, 4), slice(1, 4)), empty),            # 9 px predicted, no truth
+             (empty, empty),
+             (box(slice(5, 10), slice(5, 10)), box(slice(5, 10), slice(5, 10))),
+             (box(slice(0, 10), slice(0, 10)), box(slice(0, 10), slice(5, 15)))]  # 50 of 100
+    d = Diffusion(50, prediction="x0")
+    metrics = evaluate.evaluate(Thresholder(), d, cases, tmp_path, steps=2, batch_size=2,
+                                names=list("abcde"))
+    with open(tmp_path / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["dice"]) for r in rows] == [0, 0, 1, 1, 0.5]
+    assert [int(r["pred_pixels"]) for r in rows] == [0, 9, 0, 25, 100]
+    assert [int(r["truth_pixels"]) for r in rows] == [16, 0, 0, 25, 100]
+    dice = metrics["metrics"]["dice"]
+    assert (dice["mean"], dice["n"]) == (0.5, 5)
+    assert dice["std"] == pytest.approx(np.std([0, 0, 1, 1, 0.5]))
+    assert metrics["metrics"]["iou"]["mean"] == pytest.approx((1 + 1 + 1 / 3) / 5)
+    assert {k: v for k, v in metrics["empty_masks"].items() if k != "note"} == {
+        "prediction_empty_truth_not": 1, "truth_empty_prediction_not": 1, "both_empty": 1}
+    # distances exist only where both masks do: c and d at 0, e's two 5-px shifted squares
+    assert metrics["metrics"]["hd95"]["n"] == metrics["metrics"]["assd"]["n"] == 3
+    assert float(rows[2]["hd95"]) == float(rows[3]["hd95"]) == 0
+    assert math.isnan(float(rows[0]["hd95"])) and math.isnan(float(rows[1]["assd"]))
+    # 16 missed + 9 false + 50 + 50 of the half case, over 5 x 256 pixels
+    assert metrics["uncertainty"]["wrong_pixel_fraction"] == pytest.approx(125 / 1280)
+    # 0/1 probabilities: every threshold binarises alike
+    assert metrics["medsegdiff_protocol"]["dice"] == pytest.approx(0.5)
+    assert metrics["medsegdiff_protocol"]["iou"] == pytest.approx((1 + 1 + 1 / 3) / 5)
+
+
 def test_evaluate_end_to_end_writes_every_file(tiny_run, tiny_folder, tmp_path):
+    """metrics.json agrees with per_image.csv, the checkpoint and the clock."""
     out = tmp_path / "eval"
+    start = time.perf_counter()
     metrics = evaluate.main(["--checkpoint", str(tiny_run / "best_iou.pt"), "--data",
                              str(tiny_folder), "--split", "test", "--steps", "3",
                              "--ensemble", "3", "--fusion", "staple", "--out", str(out),
                              "--batch-size", "4"])
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["images"] == 6 and metrics["images"] == 6
-    for name in ("dice", "iou", "precision", "recall", "hd95", "assd", "boundary_f1"):
-        assert name in saved["metrics"]
-    assert {"dice", "iou", "thresholds"} <= set(saved["medsegdiff_protocol"])
-    assert saved["checkpoint"]["step"] > 0 and saved["checkpoint"]["config"]["image_size"] == 16
-    assert saved["settings"]["ensemble"] == 3 and saved["seconds_per_image"] > 0
-    assert "auroc_for_pixel_error" in saved["uncertainty"]
+    elapsed = time.perf_counter() - start
+    text = (out / "metrics.json").read_text()
+    assert text == json.dumps(metrics, indent=2)          # what it returns is what it wrote
+    saved = json.loads(text)
+    assert saved["images"] == 6
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [f"case{i}" for i in range(6)]
+    # each summary is the mean and std of its per-image column, NaN distances left out
+    for name in evaluate.METRICS:
+        column = np.array([float(r[name]) for r in rows])
+        finite = column[np.isfinite(column)]
+        summary = saved["metrics"][name]
+        assert summary["n"] == finite.size, name
+        if finite.size:
+            assert summary["mean"] == pytest.approx(finite.mean(), abs=1e-12), name
+            assert summary["std"] == pytest.approx(finite.std(), abs=1e-12), name
+    for r in rows:                                        # one binarisation for both scores
+        dice = float(r["dice"])
+        assert float(r["iou"]) == pytest.approx(dice / (2 - dice), abs=1e-12)
+    # the empty-mask counts are those of the pixel columns, and exactly the images whose
+    # distances are NaN
+    pred = np.array([int(r["pred_pixels"]) for r in rows])
+    truth = np.array([int(r["truth_pixels"]) for r in rows])
+    empty = saved["empty_masks"]
+    assert empty["prediction_empty_truth_not"] == int(((pred == 0) & (truth > 0)).sum())
+    assert empty["truth_empty_prediction_not"] == int(((truth == 0) & (pred > 0)).sum())
+    assert empty["both_empty"] == int(((pred == 0) & (truth == 0)).sum())
+    one_empty = empty["prediction_empty_truth_not"] + empty["truth_empty_prediction_not"]
+    assert saved["metrics"]["hd95"]["n"] == saved["metrics"]["assd"]["n"] == 6 - one_empty
+    # pixel errors: |pred| + |truth| - 2|overlap| per image, the overlap from its Dice
+    unc = saved["uncertainty"]
+    wrong = ((pred + truth) * (1 - np.array([float(r["dice"]) for r in rows]))).sum()
+    assert unc["wrong_pixel_fraction"] == pytest.approx(wrong / (6 * 16 * 16), abs=1e-9)
+    # the mean entropy over all pixels splits into its wrong and right pixels
+    mean_entropy = np.mean([float(r["uncertainty"]) for r in rows])
+    fraction = unc["wrong_pixel_fraction"]
+    split = fraction * unc["mean_on_wrong_pixels"] if fraction else 0.0
+    assert split + (1 - fraction) * unc["mean_on_right_pixels"] == pytest.approx(
+        mean_entropy, abs=1e-6)
+    assert math.isnan(unc["auroc_for_pixel_error"]) == (fraction in (0, 1))
+    protocol = saved["medsegdiff_protocol"]
+    assert protocol["thresholds"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert protocol["iou"] <= protocol["dice"]            # IoU <= Dice on every image
+    state = torch.load(tiny_run / "best_iou.pt", weights_only=True)
+    assert (saved["checkpoint"]["step"], saved["checkpoint"]["epoch"]) == (state["step"],
+                                                                          state["epoch"])
+    assert saved["checkpoint"]["config"] == state["config"]
+    assert saved["settings"]["ensemble"] == 3 and saved["settings"]["fusion"] == "staple"
+    # sampling time is part of the whole call's: no clock on a busy machine can break this
+    assert 0 < saved["seconds_per_image"] * 6 <= elapsed
     assert list(out.glob("sheet_*.png"))
 
 
@@ -244,3 +362,14 @@ def test_flat_folder_scores_the_held_back_test_images(tmp_path):
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--split", "valid",
                        "--out", str(tmp_path / "e2")])
+
+
+def test_entropy_is_symmetric_and_zero_where_samples_agree():
+    """Pixels whose samples all say foreground are as certain as those that all say
+    background: neither may rank above the other as a predictor of error."""
+    probs = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.2, 0.2], [0.8, 0.8], [0.0, 1.0]])
+    entropy = uncertainty_maps(probs.T[None, :, :, None])["entropy"].flatten().tolist()
+    assert entropy[0] == entropy[1] == 0
+    assert entropy[2] == pytest.approx(entropy[3], abs=1e-6)
+    assert entropy[4] == pytest.approx(1.0)
+    assert entropy[2] == pytest.approx(-(0.2 * math.log2(0.2) + 0.8 * math.log2(0.8)), abs=1e-6)

@@ -79,9 +79,13 @@ def test_loss_fn_parts_and_timestep_weighting():
     wrong = torch.zeros_like(truth) - 1          # predicts an empty mask
     common = dict(diffusion=d, x_t=truth, mask=truth, image=truth, cfg=cfg,
                   distances=sdm(truth))
-    _, early = loss_fn(wrong, truth * 2 - 1, t=torch.tensor([0]), **common)
+    total, early = loss_fn(wrong, truth * 2 - 1, t=torch.tensor([0]), **common)
     _, late = loss_fn(wrong, truth * 2 - 1, t=torch.tensor([49]), **common)
     assert set(early) == {"mse", "dice", "boundary", "hausdorff"}
+    assert total.item() == pytest.approx(sum(v.item() for v in early.values()), rel=1e-6)
+    # each term is weighted by abar_t: at t=0 the dice term is abar_0 times the plain loss
+    assert early["dice"].item() == pytest.approx(
+        d.alphas_cumprod[0].item() * soft_dice_loss(torch.zeros_like(truth), truth).item())
     for name in ("dice", "hausdorff"):
         assert late[name] < 1e-3 * early[name]   # near pure noise the terms fade out
     assert early["mse"] == late["mse"]           # the diffusion loss is not reweighted
@@ -90,25 +94,44 @@ def test_loss_fn_parts_and_timestep_weighting():
 
 
 def test_finite_gradients_under_bf16_autocast():
+    """Every term at once under bf16: finite gradients that point where fp32's do, and a
+    small step against the gradient lowers the loss on this fixed batch."""
     torch.manual_seed(0)
     d = Diffusion(50, prediction="x0")
     model = UNet2D(base_channels=8, channel_mults=(1, 2), attention_resolutions=(2,))
     critic = PatchDiscriminator(in_channels=2, base_channels=8, num_layers=2)
+    critic.requires_grad_(False)
     mask = square(side=16).expand(2, 1, 16, 16)
     image = torch.rand(2, 1, 16, 16)
     t = torch.tensor([3, 30])
     x_t, noise = d.noise_image(mask * 2 - 1, t)
     cfg = cfg_with(loss_dice=1.0, loss_boundary=1.0, loss_hausdorff=1.0, loss_adversarial=0.1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model(torch.cat([x_t, image], 1), t)
-        loss, parts = loss_fn(output.float(), d.training_target(mask * 2 - 1, noise, t),
-                              diffusion=d, x_t=x_t, t=t, mask=mask, image=image, cfg=cfg,
-                              distances=sdm(mask), discriminator=critic.requires_grad_(False))
-    loss.backward()
+
+    def loss_and_grad(bf16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            output = model(torch.cat([x_t, image], 1), t)
+            loss, parts = loss_fn(output.float(), d.training_target(mask * 2 - 1, noise, t),
+                                  diffusion=d, x_t=x_t, t=t, mask=mask, image=image, cfg=cfg,
+                                  distances=sdm(mask), discriminator=critic)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return loss.item(), parts, grads
+
+    loss, parts, grads = loss_and_grad(bf16=True)
     assert set(parts) == {"mse", "dice", "boundary", "hausdorff", "adversarial"}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert loss == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+    loss32, _, grads32 = loss_and_grad(bf16=False)
+    assert loss == pytest.approx(loss32, rel=1e-2)
+    flat = torch.cat([g.flatten() for g in grads])
+    flat32 = torch.cat([g.flatten() for g in grads32])
+    assert torch.nn.functional.cosine_similarity(flat, flat32, dim=0) > 0.99
+    with torch.no_grad():
+        for p, g in zip((p for p in model.parameters() if p.grad is not None), grads32):
+            p -= 1e-3 * g / flat32.norm()
+    assert loss_and_grad(bf16=False)[0] < loss32
 
 
 ADVERSARIAL = TINY_FLAGS + ["--synthetic-train", "16", "--loss-adversarial", "0.1",
@@ -134,8 +157,14 @@ def test_adversarial_two_process_gloo_run(tmp_path):
                if v.is_floating_point())
     assert len(state["adversary"]["optimizer"]["state"]) > 0
     with open(tmp_path / "run" / "metrics.csv") as f:
-        header = next(csv.reader(f))
-    assert {"adversarial", "critic", "dice", "boundary"} <= set(header)
+        rows = list(csv.DictReader(f))
+    assert {"adversarial", "critic", "dice", "boundary"} <= set(rows[0])
+    losses = [r for r in rows if r["loss"]]
+    assert [int(r["step"]) for r in losses] == [1, 2]
+    for r in losses:   # the logged loss is the sum of its logged terms; the critic's is apart
+        terms = sum(float(r[k]) for k in ("mse", "dice", "boundary", "adversarial"))
+        assert float(r["loss"]) == pytest.approx(terms, rel=1e-4), r
+        assert r["critic"], r                     # a critic step with every step
 
 
 @pytest.mark.slow

@@ -38,10 +38,27 @@ def test_timestep_changes_output():
     assert not torch.allclose(model(x, torch.tensor([1])), model(x, torch.tensor([900])))
 
 
+class OneConv(torch.nn.Module):
+    in_channels = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 8, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def test_flops_estimate_of_one_conv_is_exact():
+    # 2 FLOPs per multiply-add: 2 * (2 in x 9 taps) per output value, 8 x 16 x 16 of them
+    assert estimate_flops(OneConv(), 16) == 2 * 2 * 9 * 8 * 16 * 16
+    assert estimate_flops(OneConv(), (16, 32)) == 2 * estimate_flops(OneConv(), 16)
+    assert estimate_flops(OneConv(), 16, batch_size=3) == 3 * estimate_flops(OneConv(), 16)
+
+
 def test_flops_estimate_scales_with_area():
     model = small_unet()
     f16, f32 = estimate_flops(model, 16), estimate_flops(model, 32)
-    assert f16 > 0
     # convolutions dominate and scale with pixels; attention at the lowest level scales faster
     assert 3.9 < f32 / f16 < 4.5
     # the stem conv alone: 2 * (2*9) MACs per output pixel per channel

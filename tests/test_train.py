@@ -79,7 +79,8 @@ def test_train_checkpoints_and_notebook_load(tmp_path):
     run = Path(cfg.out)
     for name in ("last.pt", "best_iou.pt", "best_mse.pt", "metrics.csv"):
         assert (run / name).is_file(), name
-    assert list(run.glob("samples_epoch*.png"))
+    assert sorted(p.name for p in run.glob("samples_epoch*.png")) == [
+        "samples_epoch0001.png", "samples_epoch0002.png"]
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * 32 // 8
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
@@ -92,7 +93,19 @@ def test_train_checkpoints_and_notebook_load(tmp_path):
     assert result.samples.shape[1:] == (1, 16, 16) and result.contours.shape == result.samples.shape
     log = read_log(run / "metrics.csv")
     val_rows = [r for r in log if r["val_iou"]]
-    assert len(val_rows) == 2 and 0 <= float(val_rows[-1]["val_iou"]) <= 1
+    assert [(int(r["epoch"]), int(r["step"])) for r in val_rows] == [(1, 4), (2, 8)]
+    # the log, the returned Progress and the checkpoints tell one story
+    ious = [float(r["val_iou"]) for r in val_rows]
+    mses = [float(r["val_mse"]) for r in val_rows]
+    assert ious[-1] == pytest.approx(result.progress.val_iou, rel=1e-5, abs=1e-9)
+    assert state["val_iou"] == result.progress.val_iou
+    best_iou = torch.load(run / "best_iou.pt", weights_only=True)
+    assert best_iou["best_iou"] == pytest.approx(max(ious), rel=1e-5, abs=1e-9)
+    assert best_iou["step"] == int(val_rows[ious.index(max(ious))]["step"])
+    assert state["best_iou"] == best_iou["best_iou"] == result.progress.best_iou
+    best_mse = torch.load(run / "best_mse.pt", weights_only=True)
+    assert best_mse["best_mse"] == pytest.approx(min(mses), rel=1e-5)
+    assert best_mse["step"] == int(val_rows[mses.index(min(mses))]["step"])
 
 
 @pytest.mark.slow
@@ -134,11 +147,19 @@ def test_best_checkpoint_follows_small_gains_patience_does_not():
     assert best.best_iou == 0.5012 and best.val_iou == 0.49
 
 
-def test_amp_bf16_path_runs_on_cpu(tmp_path):
+def test_amp_bf16_path_runs_on_cpu(tiny_run, tmp_path):
+    """The same one-epoch run as `tiny_run` (fp32 on the CPU) under bf16 autocast: same
+    weights, batches, t and noise, so its losses differ from fp32's by bf16 rounding only."""
     cfg = tiny_cfg(tmp_path / "run", epochs=1, amp="bf16")
-    result = train(cfg)
-    losses = step_losses(cfg.out)
-    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    result = train(cfg, device="cpu")
+    losses, fp32 = step_losses(cfg.out), step_losses(tiny_run)
+    assert sorted(losses) == sorted(fp32) == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    if not torch.cuda.is_available():                # else tiny_run ran bf16 on the GPU
+        for step in fp32:
+            assert losses[step] == pytest.approx(fp32[step], rel=1e-2), step
+        assert losses != fp32                        # autocast really ran in bf16
+    assert losses[4] < losses[1]                     # and it learns
     assert all(torch.isfinite(p).all() for p in result.ema_model.parameters())
 
 
@@ -292,7 +313,9 @@ def test_registered_toy_backbone_trains_saves_and_reloads(tmp_path, monkeypatch)
     import model as model_module
     monkeypatch.setitem(model_module.MODELS, "toy", ToyNet)
     cfg = tiny_cfg(tmp_path / "run", epochs=1, model="toy")
-    assert main.parse_args(TINY + ["--model", "toy"])[0].model == "toy"
+    assert main.parse_args(["--model", "toy", "--image-size", "16"])[0].model == "toy"
+    with pytest.raises(SystemExit):   # unet2d's shape flags do not apply to another backbone
+        main.parse_args(["--model", "toy", "--base-channels", "32"])
     result = train(cfg)
     assert isinstance(result.ema_model, ToyNet) and result.progress.step == 32 // 8
     state = torch.load(Path(cfg.out) / "last.pt", weights_only=True)
@@ -302,9 +325,8 @@ def test_registered_toy_backbone_trains_saves_and_reloads(tmp_path, monkeypatch)
     assert isinstance(model, ToyNet) and config.model == "toy"
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
     assert diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2).shape == (2, 1, 16, 16)
-    # the resume check compares the backbone, not UNet2D's width flags it ignores
-    resumed, _ = resume_config(*main.parse_args(
-        TINY + ["--out", cfg.out, "--resume", "auto", "--model", "toy", "--base-channels", "32"]))
+    # a resume keeps the backbone; another one is refused, naming it
+    resumed, _ = resume_config(*main.parse_args(["--out", cfg.out, "--resume", "auto"]))
     assert resumed.model == "toy"
     with pytest.raises(CheckpointError, match="--model unet2d"):
         resume_config(*main.parse_args(TINY + ["--out", cfg.out, "--resume", "auto",
