@@ -54,7 +54,9 @@ def test_cli_flags_cover_config_and_track_explicit():
     assert cfg.epochs == 3 and cfg.channel_mults == (1, 2) and cfg.augment is False
     assert explicit == {"epochs", "channel_mults", "augment"}
     help_text = main.build_parser().format_help()
-    for name in ("--max-minutes", "--eval-steps", "--ema-decay", "--resume", "--nproc"):
+    for name in ("--max-minutes", "--eval-steps", "--ema-decay", "--resume", "--nproc",
+                 "--model", "--mask-values", "--mask-suffix", "--allow-soft-masks",
+                 "--mask-threshold", "--fit", "--test-fraction"):
         assert name in help_text
     assert "(default: 0.999)" in help_text
 
