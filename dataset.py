@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
+MIN_VAL_IMAGES = 20           # fewer, and val IoU is too noisy to stop on (a warning says so)
 FIT_MODES = ("pad", "stretch", "crop")
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L"
 
@@ -545,16 +546,27 @@ def threshold_baseline(dataset, num_samples=200, num_thresholds=64):
 
 # ----------------------------------------------------------------------------- train / val / test
 
-def split_indices(n, fractions, seed):
-    """Seeded split of range(n): one sorted index list per fraction, then the rest (last).
+def held_back_count(fraction, n):
+    """How many of n items a held-back split takes: round(fraction x n), at least one for a
+    fraction above 0. A negative fraction is the validation rule: 10%, but at least
+    min(MIN_VAL_IMAGES, 20%), so small sets still validate on enough images to rank runs."""
+    if fraction < 0:
+        return max(1, round(0.1 * n), min(MIN_VAL_IMAGES, round(0.2 * n)))
+    return max(1, round(fraction * n)) if fraction > 0 else 0
 
-    The same (n, fractions, seed) gives the same split on every rank and every run. A non-zero
-    fraction takes at least one item.
+
+def split_indices(n, fractions, seed):
+    """Seeded split of range(n): one sorted index list per fraction (see held_back_count),
+    then the rest (last).
+
+    The same (n, fractions, seed) gives the same split on every rank and every run, and the
+    first parts do not depend on the later fractions: a larger val split never moves the
+    test split held back before it.
     """
     order = np.random.default_rng(seed).permutation(n)
     parts, start = [], 0
     for fraction in fractions:
-        count = max(1, round(fraction * n)) if fraction > 0 else 0
+        count = held_back_count(fraction, n)
         parts.append(sorted(order[start:start + count].tolist()))
         start += count
     if start >= n:

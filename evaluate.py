@@ -12,6 +12,7 @@ With masks it writes to --out:
                  0.1..0.9); how many images had empty masks; ensemble uncertainty against
                  pixel errors; the settings, the checkpoint's step and config; seconds/image
   per_image.csv  one row per image
+  reliability.png  the fused probability's calibration (ECE in metrics.json)
   sheet_NNN.png  rows of: image with truth (green) and prediction (red) outlines | truth |
                  fused prediction | uncertainty (entropy of the ensemble mean)
 With --images it writes masks/<name>.png (0/255, at each image's own size) and
@@ -37,10 +38,12 @@ from tqdm.auto import tqdm
 
 from dataset import (FIT_MODES, IMAGE_EXTENSIONS, DatasetError, fit_square, image_to_tensor,
                      load_split, read_array)
-from utils import (FUSIONS, CheckpointError, auroc, fuse_samples, load_checkpoint,
-                   mask_metrics, overlap_scores, read_checkpoint, uncertainty_maps)
+from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
+                   expected_calibration_error, fuse_samples, load_checkpoint, mask_metrics,
+                   overlap_scores, read_checkpoint, uncertainty_maps)
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "boundary_f1")
+CALIBRATION_BINS = 15
 PROTOCOL_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
@@ -122,7 +125,8 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     rows, protocol = [], {th: [[], []] for th in PROTOCOL_THRESHOLDS}
-    error_scores, correct_scores, errors_all, unc_all = [], [], [], []
+    errors_all, unc_all = [], []
+    bins = [np.zeros(CALIBRATION_BINS) for _ in range(3)]   # pixels, sum p, sum truth
     sampling_seconds, sheet, sheet_index = 0.0, [], 0
     for image, mask in tqdm(loader, desc="evaluating"):
         start = time.perf_counter()
@@ -144,6 +148,9 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
             protocol[th][1] += iou.tolist()
         wrong = (pred != truth)
         errors_all.append(wrong.flatten().numpy())
+        for total, part in zip(bins, calibration_bins(fused.numpy(), truth.numpy(),
+                                                      CALIBRATION_BINS)):
+            total += part
         unc_all.append(entropy.flatten().numpy())
         sheet.append(picture_rows(image, mask, fused, entropy))
         if sum(len(s) for s in sheet) >= 4 * sheet_rows:
@@ -185,13 +192,53 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
             "auroc_for_pixel_error": auroc(uncertainty, errors),
             "wrong_pixel_fraction": float(errors.mean()),
         },
+        "calibration": calibration_summary(*bins),
         "seconds_per_image": sampling_seconds / max(len(rows), 1),
         "settings": {"steps": steps, "ensemble": ensemble, "fusion": fusion, "eta": eta,
                      "seed": seed, "threshold": 0.5, "spacing": spacing,
                      "boundary_tolerance": tolerance, "batch_size": batch_size},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    reliability_diagram(metrics["calibration"], out / "reliability.png")
     return metrics
+
+
+def calibration_summary(counts, prob_sums, label_sums):
+    """ECE and the reliability table of the fused foreground probability, per pixel."""
+    edges = np.linspace(0, 1, len(counts) + 1)
+    table = [{"from": float(lo), "to": float(hi), "pixels": int(n),
+              "mean_probability": float(p / n) if n else None,
+              "foreground_frequency": float(y / n) if n else None}
+             for lo, hi, n, p, y in zip(edges[:-1], edges[1:], counts, prob_sums, label_sums)]
+    return {"ece": expected_calibration_error(counts, prob_sums, label_sums),
+            "bins": table,
+            "note": "the fused foreground probability of every pixel against its truth, in "
+                    f"{len(counts)} equal-width bins; ECE = sum over bins of (pixels in bin / "
+                    "all pixels) x |foreground frequency - mean probability|"}
+
+
+def reliability_diagram(calibration, path):
+    """reliability.png: observed foreground frequency against predicted probability per bin
+    (the diagonal is perfect calibration), and how many pixels each bin holds."""
+    from matplotlib.figure import Figure
+    bins = [b for b in calibration["bins"] if b["pixels"]]
+    centres = [(b["from"] + b["to"]) / 2 for b in calibration["bins"]]
+    width = calibration["bins"][0]["to"] - calibration["bins"][0]["from"]
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    top.bar([(b["from"] + b["to"]) / 2 for b in bins], [b["foreground_frequency"] for b in bins],
+            width=width * 0.9, color="tab:blue", alpha=0.7, label="foreground frequency")
+    top.plot([b["mean_probability"] for b in bins], [b["foreground_frequency"] for b in bins],
+             "o", color="tab:red", ms=3, label="bin mean")
+    top.set(ylabel="foreground frequency", xlim=(0, 1), ylim=(0, 1),
+            title=f"ECE {calibration['ece']:.4f}")
+    top.legend(fontsize=8, loc="upper left")
+    bottom.bar(centres, [max(b["pixels"], 1e-1) for b in calibration["bins"]], width=width * 0.9,
+               color="tab:gray")
+    bottom.set(yscale="log", xlabel="predicted foreground probability", ylabel="pixels")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _write_sheet(out, panels, rows_per_sheet, index):

@@ -29,6 +29,8 @@ def build_parser():
         description="Train DDPM-v2, a diffusion model that generates segmentation masks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli") is False:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(default=default, help=f.metadata["help"])

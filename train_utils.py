@@ -3,11 +3,12 @@
 `loss_fn` below is the one place to edit when adding loss terms. Everything the loop does
 is driven by one `TrainConfig` (in utils.py, the checkpoint's schema); `main.py` turns its
 fields into command-line flags. `train()` is at the bottom, built from the named steps
-above it: set-up (`build_loaders`, `build_state`), `restore`, `train_step`,
-`validate_and_record`, `save_run`.
+above it: set-up (`check_run`, `build_loaders`, `resolve_run_length`, `build_state`),
+`restore`, `train_step`, `validate_and_save`.
 """
 import copy
 import csv
+import itertools
 import math
 import os
 import shutil
@@ -22,12 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dataset import WithDistanceMaps, build_datasets, make_loader, set_epoch, signed_distance_map
+from dataset import (MIN_VAL_IMAGES, WithDistanceMaps, build_datasets, make_loader, set_epoch,
+                     signed_distance_map)
 from DDPM import Diffusion, model_input
 from model import PatchDiscriminator, check_registered
 from utils import (CheckpointError, Progress, build_model_and_diffusion, checkpoint_state,
                    find_resume_checkpoint, is_main, overlap_scores, print0, restore_checkpoint,
-                   save_checkpoint, save_images, seed_everything, set_rng_state, unwrap)
+                   run_length_defaults, save_checkpoint, save_images, seed_everything,
+                   set_rng_state, unwrap)
 
 # also importable from here, as the original README and notebooks have them
 from DDPM import cosine_beta_schedule, linear_beta_schedule, shift_alphas_cumprod  # noqa: F401
@@ -501,8 +504,8 @@ class TrainState:
     dtype: Optional[torch.dtype]        # autocast dtype; None = fp32
     channels_last: bool
     nonfinite_streak: int = 0           # skipped steps in a row
-    last_eval_step: int = -1            # the step of the last validation and last.pt save,
-    last_save_step: int = -1            # so a stop right after one does not repeat it
+    last_eval_step: int = -1            # the step of the last validation (and save), so a
+                                        # stop right after one does not repeat it
 
 
 def pick_device():
@@ -563,6 +566,20 @@ def dataset_options(cfg):
     return dict(mask_values=list(cfg.mask_values) or None, mask_threshold=cfg.mask_threshold,
                 mask_suffix=cfg.mask_suffix, allow_soft_masks=cfg.allow_soft_masks,
                 fit=cfg.fit)
+
+
+def resolve_run_length(cfg, num_val):
+    """Fill the validation cadence and stopping fields left at 0 (utils.run_length_defaults)
+    and warn about a validation set too small to trust."""
+    for key, value in run_length_defaults(cfg, num_val).items():
+        if not getattr(cfg, key):
+            setattr(cfg, key, value)
+            cfg.auto_fields = tuple(sorted({*cfg.auto_fields, key}))
+    if num_val < MIN_VAL_IMAGES:
+        print0(f"warning: only {num_val} validation images, so val IoU is noisy and early "
+               f"stopping and best_iou.pt rest on few cases. Add a val/ split of "
+               f"{MIN_VAL_IMAGES} or more images, or hold back more of train with "
+               f"--val-fraction (the rule takes up to 20%).")
 
 
 def build_state(cfg, device):
@@ -704,38 +721,26 @@ def skip_nonfinite_step(state, cfg, progress):
             f"--lr, --amp off or bf16, or check loss_fn")
 
 
-def end_epoch(state, cfg, progress, val_loader, log, epoch, stopped, elapsed_s):
-    """After an epoch, or a stop inside one: validate when due, decide whether to stop early,
-    save what is due. Returns the validation's pictures, or None."""
-    last_epoch = stopped or epoch + 1 == cfg.epochs
-    saves, vis = [], None
-    if state.last_eval_step != progress.step and (last_epoch or (epoch + 1) % cfg.eval_every == 0):
-        state.last_eval_step = progress.step
-        vis, saves = validate_and_record(state, cfg, progress, val_loader, log, epoch, elapsed_s)
-        progress.stopped_early = progress.bad_evals >= cfg.patience
-    progress.stopped_by_time = stopped
-    finishing = last_epoch or progress.stopped_early
-    if state.last_save_step != progress.step and (finishing or (epoch + 1) % cfg.save_every == 0):
-        saves.append("last.pt")
-    if saves:
-        save_run(state, cfg, progress, saves, vis)
-        if "last.pt" in saves:
-            state.last_save_step = progress.step
-    return vis
-
-
-def validate_and_record(state, cfg, progress, val_loader, log, epoch, elapsed_s):
-    """Validate the EMA model, fold the scores into `progress`, log and plot them.
-    Returns (pictures of the first batch, the files to save)."""
+def validate_and_save(state, cfg, progress, val_loader, log, elapsed_s):
+    """Validate the EMA model, fold the scores into `progress` (and decide on early
+    stopping), log and plot them, then save last.pt, each best_*.pt it beat and a picture of
+    samples. Returns the pictures (the first val batch)."""
+    tick = time.time()
     val_mse, val_iou, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
                                      state.device, state.dtype)
     saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
-    print0(f"epoch {epoch + 1}: val_mse {val_mse:.4f}  val_iou {val_iou:.4f}  "
-           f"(best {progress.best_iou:.4f}, {progress.bad_evals}/{cfg.patience} without gain)")
-    log.write(epoch=epoch + 1, step=progress.step, val_mse=val_mse, val_iou=val_iou,
+    progress.stopped_early = progress.out_of_patience(cfg)
+    print0(f"step {progress.step} (epoch {progress.epoch + 1}): val_mse {val_mse:.4f}  "
+           f"val_iou {val_iou:.4f}  (best {progress.best_iou:.4f}, "
+           f"{progress.step - progress.patience_step}/{cfg.patience} steps without gain)")
+    log.write(epoch=progress.epoch + 1, step=progress.step, val_mse=val_mse, val_iou=val_iou,
               lr=state.scheduler.get_last_lr()[0], elapsed_s=elapsed_s)
     log.plot()
-    return vis, saves + [f"samples_epoch{epoch + 1:04d}.png"]
+    state.last_eval_step = progress.step
+    progress.val_seconds += time.time() - tick
+    save_run(state, cfg, progress, ["last.pt", *saves, f"samples_step{progress.step:07d}.png"],
+             vis)
+    return vis
 
 
 def save_run(state, cfg, progress, names, vis):
@@ -770,6 +775,7 @@ def train(cfg, resume_from=None, device=None):
     world = get_world_size()
     resume_from = check_run(cfg, resume_from)
     datasets, train_loader, val_loader = build_loaders(cfg, device)
+    resolve_run_length(cfg, len(datasets["val"]))
     state = build_state(cfg, device)
     if resume_from is not None:
         progress, rng = restore(state, cfg, resume_from)
@@ -777,25 +783,30 @@ def train(cfg, resume_from=None, device=None):
         progress, rng = Progress(), None
         seed_everything(cfg.seed + get_rank())  # per-rank streams for t, noise, augmentation
     state.model = wrap_model(state.raw_model, cfg, device)
-    state.last_eval_step = state.last_save_step = progress.step
+    state.last_eval_step = progress.step
     log = MetricsLog(cfg.out, device, resume_step=progress.step if resume_from else None)
     control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     stop = StopSignal(control)
     print0(f"training on {world} x {device.type}, {len(datasets['train'])} train / "
            f"{len(datasets['val'])} val images, {cfg.batch_size // world} per process per "
-           f"step, amp={state.dtype}, run folder {cfg.out}")
+           f"step, amp={state.dtype}, run folder {cfg.out}\n"
+           f"validation every {cfg.val_every} steps; early stop after {cfg.patience} steps "
+           f"without gain, not before step {cfg.min_steps}"
+           + (f"\nset by rule: {cfg.describe_auto()}" if cfg.auto_fields else ""))
 
     start, out_of_time = time.time(), deadline(cfg.max_minutes)
+    wall_before = progress.wall_seconds        # of the segments before a resume
+    epochs = range(progress.epoch, cfg.epochs) if cfg.epochs else itertools.count(progress.epoch)
     vis = None
-    for epoch in range(progress.epoch, cfg.epochs):
+    for epoch in epochs:
         state.model.train()
         batches, done = epoch_batches(state, cfg, progress, train_loader, epoch, rng)
         rng = None   # used up: only a resume's first epoch restores it
         bar = tqdm(total=len(train_loader), initial=done, disable=not is_main(), leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+                   desc=f"epoch {epoch + 1}", dynamic_ncols=True)
         log.restart_clock()
-        stopped = False
-        while done < len(train_loader):
+        stopped = finished = False
+        while done < len(train_loader) and not finished:
             if stop.poll(out_of_time()):  # before fetching, so a resume fetches the same batch
                 stopped = True
                 break
@@ -810,17 +821,30 @@ def train(cfg, resume_from=None, device=None):
                 lr = state.scheduler.get_last_lr()[0]
                 loss, speed = log.write_losses(epoch + 1, progress.step, lr, time.time() - start)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+            finished = progress.step == cfg.max_steps
+            if progress.step % cfg.val_every == 0 or finished:
+                progress.set_position(epoch, done, len(train_loader))
+                progress.wall_seconds = wall_before + time.time() - start
+                vis = validate_and_save(state, cfg, progress, val_loader, log,
+                                        time.time() - start)
+                finished = finished or progress.stopped_early
+                log.restart_clock()
         bar.close()
 
         stopped = stop.settle(stopped or out_of_time())    # every rank agrees
-        progress.epoch, progress.batch = ((epoch + 1, 0) if done == len(train_loader)
-                                          else (epoch, done))  # a resume trains the rest
-        vis = end_epoch(state, cfg, progress, val_loader, log, epoch, stopped,
-                        time.time() - start) or vis
-        if progress.stopped_by_time or progress.stopped_early:
-            print0(f"stopping after epoch {epoch + 1}: "
-                   + ("time budget reached" if progress.stopped_by_time else
-                      f"val IoU has not improved for {cfg.patience} validations"))
+        progress.set_position(epoch, done, len(train_loader))
+        progress.stopped_by_time = stopped
+        if stopped or finished or epoch + 1 == cfg.epochs:
+            if state.last_eval_step != progress.step:   # a last validation and save
+                progress.wall_seconds = wall_before + time.time() - start
+                vis = validate_and_save(state, cfg, progress, val_loader, log,
+                                        time.time() - start)
+            print0(f"stopped at step {progress.step}, epoch {epoch + 1}: "
+                   + ("time budget reached" if stopped else
+                      f"val IoU has not improved for {cfg.patience} steps"
+                      if progress.stopped_early else "step or epoch cap reached")
+                   + f"; validation took {progress.val_seconds / max(progress.wall_seconds, 1e-9):.0%}"
+                   f" of {progress.wall_seconds / 60:.1f} minutes")
             break
 
     images, contours, samples = vis if vis is not None else (None, None, None)

@@ -59,7 +59,9 @@ class TrainConfig:
     image_size: int = _opt(64, "images and masks are resized to this square size")
     channels: int = _opt(1, "image channels the model sees: 1 grey, 3 RGB")
     augment: bool = _opt(True, "flips, small affine and intensity jitter on training images")
-    val_fraction: float = _opt(0.1, "fraction of train held back when the data has no val split")
+    val_fraction: float = _opt(-1.0, "fraction of train held back as val when the data has no "
+                                     "val split; -1 = the rule: 10%%, at least min(20 images, "
+                                     "20%%)")
     num_workers: int = _opt(-1, "data loader workers per process; -1 picks a default")
     synthetic_train: int = _opt(1000, "training images of the synthetic set")
     synthetic_val: int = _opt(100, "validation images of the synthetic set")
@@ -88,12 +90,15 @@ class TrainConfig:
     # diffusion
     timesteps: int = _opt(1000, "diffusion steps T")
     schedule: str = _opt("cosine", "noise schedule", choices=SCHEDULES)
-    schedule_shift: float = _opt(1.0, "divide the schedule's signal-to-noise ratio by "
-                                      "shift^2 at every step; > 1 = noisier (large masks)")
+    schedule_shift: float = _opt(0.0, "divide the schedule's signal-to-noise ratio by "
+                                      "shift^2 at every step; > 1 = noisier (large masks); "
+                                      "0 = by --image-size (size_defaults)")
     prediction: str = _opt("x0", "what the network predicts", choices=PREDICTION_TYPES)
     # optimisation
-    epochs: int = _opt(100, "maximum epochs")
-    batch_size: int = _opt(16, "global batch size, split across processes")
+    epochs: int = _opt(0, "cap on passes over the training data; 0 = none")
+    max_steps: int = _opt(0, "cap on optimiser steps; 0 = none")
+    batch_size: int = _opt(0, "global batch size, split across processes; 0 = by "
+                              "--image-size (size_defaults)")
     lr: float = _opt(1e-3, "AdamW learning rate after warm-up")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_steps: int = _opt(100, "steps of linear learning-rate warm-up")
@@ -105,9 +110,12 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     channels_last: bool = _opt(True, "NHWC memory layout on CUDA")
     # evaluation and stopping
-    eval_every: int = _opt(1, "epochs between validations")
-    eval_steps: int = _opt(10, "DDIM steps for validation IoU")
-    patience: int = _opt(10, "validations without val IoU gain before stopping")
+    val_every: int = _opt(0, "optimiser steps between validations (each also saves "
+                             "last.pt); 0 = by the val set's size (run_length_defaults)")
+    eval_steps: int = _opt(0, "DDIM steps for validation IoU; 0 = by --image-size")
+    patience: int = _opt(0, "optimiser steps without a val IoU gain of --min-delta before "
+                            "stopping; 0 = the rule (run_length_defaults)")
+    min_steps: int = _opt(0, "no early stop before this many optimiser steps; 0 = the rule")
     min_delta: float = _opt(1e-3, "smallest val IoU gain that restarts the patience count "
                                   "(best_iou.pt follows any gain)")
     max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
@@ -118,7 +126,6 @@ class TrainConfig:
     out: str = _opt("", "run folder; empty = trained_models/<data name>-<image size>")
     resume: str = _opt("", "'auto' (the run folder's last.pt, if any) or a checkpoint path")
     nproc: int = _opt(1, "CPU processes when there is no GPU")
-    save_every: int = _opt(1, "epochs between last.pt saves")
     max_nonfinite_steps: int = _opt(10, "consecutive skipped non-finite steps before "
                                         "training gives up")
     # extra loss terms on the predicted mask (see loss_fn); weights, 0 = off
@@ -130,6 +137,7 @@ class TrainConfig:
                                  choices=("hinge", "nonsaturating"))
     disc_lr: float = _opt(2e-4, "learning rate of the discriminator")
     log_every: int = _opt(10, "steps between loss logs")
+    auto_fields: tuple = _opt((), "the settings a rule chose (filled in, not a flag)", cli=False)
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -139,6 +147,10 @@ class TrainConfig:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+        auto = [k for k, v in size_defaults(self.image_size).items() if not getattr(self, k)]
+        for k in auto:
+            setattr(self, k, size_defaults(self.image_size)[k])
+        self.auto_fields = tuple(sorted({*self.auto_fields, *auto}))
         if not (math.isfinite(self.schedule_shift) and self.schedule_shift > 0):
             raise ValueError(f"schedule_shift must be a finite number > 0, got {self.schedule_shift}")
         if self.max_minutes < 0:  # `python main.py` is a demo that must end on a laptop CPU
@@ -154,15 +166,55 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """The config a checkpoint stored; older ones are read as what they meant."""
+        d = {**LATER_MODEL_KEYS, **d}
+        if "eval_every" in d:   # before step budgets: patience counted validations
+            d = {k: v for k, v in d.items() if k not in ("eval_every", "save_every")}
+            d["patience"] = 0                     # the rule, in steps
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         return cls(**d)
 
+    def describe_auto(self):
+        """One line naming the settings a rule chose, for the start of a run."""
+        return ", ".join(f"{k.replace('_', '-')} {getattr(self, k):g}" for k in self.auto_fields)
+
+
+# --------------------------------------------------------- defaults that follow the data
+SIZE_RULES = """batch_size: 16 x 64 / image_size, within 4..16 (the same pixels per step);
+schedule_shift: (image_size / 16)^2, so 16 at 64 px, 64 at 128 px, 256 at 256 px;
+eval_steps: 1 DDIM step for validation when the shift is >= 16, else 10"""
+
+
+def size_defaults(image_size):
+    """The settings that follow the image size (SIZE_RULES), for a config that leaves them
+    at 0. Chosen by measurement: benchmarks/RESULTS.md, "Defaults by image size"."""
+    shift = (image_size / 16) ** 2
+    return {"batch_size": int(min(16, max(4, 16 * 64 // image_size))),
+            "schedule_shift": float(max(1.0, shift)),
+            "eval_steps": 1 if shift >= 16 else 10}
+
+
+def run_length_defaults(cfg, num_val):
+    """Validation cadence and early stopping in optimiser steps, for the fields left at 0:
+      val_every  max(100, 7 x val images x eval_steps / batch): a validation samples every
+                 val image eval_steps times, about 1/3 of a training image's cost each, so
+                 this keeps validation near 5% of the steps' time however large the val set;
+      patience   10 validations' worth of steps (at least 1000);
+      min_steps  no early stop before 10 x the warm-up and 1000 steps.
+    Counting steps, not epochs, makes these mean the same for 20 images and 20,000
+    (nnU-Net fixes its "epoch" at 250 iterations for the same reason)."""
+    val_every = cfg.val_every or max(100, math.ceil(7 * num_val * cfg.eval_steps
+                                                    / cfg.batch_size))
+    return {"val_every": val_every,
+            "patience": cfg.patience or max(1000, 10 * val_every),
+            "min_steps": cfg.min_steps or max(1000, 10 * cfg.warmup_steps)}
+
 
 # Settings a resumed run may change from the command line without breaking its meaning.
-RUN_LENGTH_KEYS = ("epochs", "max_minutes", "patience", "eval_every")
+RUN_LENGTH_KEYS = ("epochs", "max_steps", "max_minutes", "patience", "min_steps", "val_every")
 
 
 def resume_config(cfg, explicit):
@@ -198,15 +250,17 @@ class Progress:
     """Where a run stands and the best it has done: saved, field by field, at the top level
     of every checkpoint (older checkpoints read the same keys)."""
     epoch: int = 0                   # finished epochs
-    batch: int = 0                   # batches trained of the next epoch (a mid-epoch stop)
+    batch: int = 0                   # batches trained of the next epoch (a mid-epoch save)
     step: int = 0                    # optimiser steps taken (skipped non-finite ones aside)
     best_iou: float = -1.0           # best EMA val IoU: best_iou.pt
     best_mse: float = math.inf       # best EMA val MSE: best_mse.pt
     patience_iou: float = -1.0       # the val IoU the patience count last restarted at
-    bad_evals: int = 0               # validations since then without a min_delta gain
+    patience_step: int = 0           # ... and the step it restarted at
     val_iou: Optional[float] = None  # the last validation's scores
     val_mse: Optional[float] = None
     skipped_steps: int = 0           # non-finite steps skipped in all
+    wall_seconds: float = 0.0        # the run's wall time so far (resumed segments summed)
+    val_seconds: float = 0.0         # ... of which validation, pictures and plots
     stopped_early: bool = False      # on patience
     stopped_by_time: bool = False    # on --max-minutes
 
@@ -221,9 +275,7 @@ class Progress:
         self.val_mse, self.val_iou = val_mse, val_iou
         saves = []
         if val_iou > self.patience_iou + min_delta:
-            self.patience_iou, self.bad_evals = val_iou, 0
-        else:
-            self.bad_evals += 1
+            self.patience_iou, self.patience_step = val_iou, self.step
         if val_iou > self.best_iou:
             self.best_iou = val_iou
             saves.append("best_iou.pt")
@@ -232,12 +284,22 @@ class Progress:
             saves.append("best_mse.pt")
         return saves
 
+    def set_position(self, epoch, done, batches_per_epoch):
+        """Where the loader stands: `done` batches of (0-based) `epoch` trained."""
+        self.epoch, self.batch = ((epoch + 1, 0) if done == batches_per_epoch else (epoch, done))
+
+    def out_of_patience(self, cfg):
+        """Stop early: past the minimum training, and `patience` steps without a gain."""
+        return self.step >= cfg.min_steps and self.step - self.patience_step >= cfg.patience
+
     @classmethod
     def from_checkpoint(cls, state):
         fields = {f.name for f in dataclasses.fields(cls)}
         progress = cls(**{k: v for k, v in state.items() if k in fields})
         if "patience_iou" not in state:  # written before best and patience were separate
             progress.patience_iou = progress.best_iou
+        if "patience_step" not in state:  # patience counted validations: start counting now
+            progress.patience_step = progress.step
         return progress
 
 
@@ -639,6 +701,26 @@ def uncertainty_maps(probs):
     entropy = -(torch.special.xlogy(mean, mean) + torch.special.xlogy(1 - mean, 1 - mean))
     entropy = entropy / math.log(2)
     return {"variance": probs.var(1, unbiased=False, keepdim=True), "entropy": entropy}
+
+
+def calibration_bins(probs, labels, num_bins=15):
+    """Counts for a reliability diagram of foreground probabilities: equal-width bins on
+    [0, 1] (the last one closed), and per bin (pixels, sum of probabilities, sum of labels),
+    each an array of length num_bins. Sums of these over batches are the whole set's."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    index = np.digitize(p, np.linspace(0, 1, num_bins + 1)[1:-1])   # 0 .. num_bins - 1
+    return (np.bincount(index, minlength=num_bins).astype(np.float64),
+            np.bincount(index, weights=p, minlength=num_bins),
+            np.bincount(index, weights=y, minlength=num_bins))
+
+
+def expected_calibration_error(counts, prob_sums, label_sums):
+    """ECE (Naeini et al. 2015; Guo et al. 2017) from `calibration_bins`: the pixel-weighted
+    mean over bins of |observed foreground frequency - mean predicted probability|, i.e.
+    sum_b (n_b / N) |mean label_b - mean prob_b|. 0 for a calibrated predictor."""
+    total = counts.sum()
+    return float(np.abs(label_sums - prob_sums).sum() / total) if total else math.nan
 
 
 def auroc(scores, labels):

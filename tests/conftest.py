@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))
 TINY_FLAGS = ["--image-size", "16", "--synthetic-train", "32", "--synthetic-val", "8",
               "--synthetic-test", "8", "--base-channels", "8", "--channel-mults", "1", "2",
               "--num-res-blocks", "1", "--attention-resolutions", "2", "--timesteps", "50",
-              "--batch-size", "8", "--eval-steps", "2", "--log-every", "1",
+              "--batch-size", "8", "--eval-steps", "2", "--val-every", "4", "--log-every", "1",
               "--warmup-steps", "2", "--num-workers", "0"]
 
 

@@ -21,7 +21,8 @@ from utils import (CheckpointError, find_resume_checkpoint, load_checkpoint, res
 
 ROOT = Path(__file__).resolve().parents[1]
 # 20 steps an epoch at 32 px: long enough to be killed in the middle of one
-KILLABLE = TINY_FLAGS + ["--image-size", "32", "--synthetic-train", "160", "--epochs", "3"]
+KILLABLE = TINY_FLAGS + ["--image-size", "32", "--synthetic-train", "160", "--epochs", "3",
+                         "--val-every", "20"]
 
 
 def cfg_for(out, flags=TINY_FLAGS, **overrides):

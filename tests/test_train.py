@@ -81,8 +81,8 @@ def test_train_checkpoints_and_notebook_load(tmp_path):
     run = Path(cfg.out)
     for name in ("last.pt", "best_iou.pt", "best_mse.pt", "metrics.csv"):
         assert (run / name).is_file(), name
-    assert sorted(p.name for p in run.glob("samples_epoch*.png")) == [
-        "samples_epoch0001.png", "samples_epoch0002.png"]
+    assert sorted(p.name for p in run.glob("samples_step*.png")) == [
+        "samples_step0000004.png", "samples_step0000008.png"]
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * 32 // 8
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
@@ -132,7 +132,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_early_stopping_fires_on_stagnant_metric(tmp_path):
     # a gain of 2 IoU is impossible, so every validation counts as stagnant
-    cfg = tiny_cfg(tmp_path / "run", epochs=6, patience=2, min_delta=2.0)
+    cfg = tiny_cfg(tmp_path / "run", epochs=6, patience=8, min_steps=1, min_delta=2.0)
     result = train(cfg)
     assert result.progress.stopped_early and result.progress.epoch == 2
 
@@ -140,13 +140,24 @@ def test_early_stopping_fires_on_stagnant_metric(tmp_path):
 def test_best_checkpoint_follows_small_gains_patience_does_not():
     best = Progress()
     history = []
-    for iou, mse in [(0.50, 0.3), (0.5004, 0.2), (0.5008, 0.25), (0.5012, 0.1), (0.49, 0.4)]:
+    cfg = TrainConfig(patience=250, min_steps=300)
+    for step, (iou, mse) in zip(range(100, 600, 100), [(0.50, 0.3), (0.5004, 0.2),
+                                                        (0.5008, 0.25), (0.5012, 0.1),
+                                                        (0.49, 0.4)]):
+        best.step = step
         saves = best.record_validation(iou, mse, min_delta=1e-3)
-        history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best.bad_evals))
-    # every IoU gain saves; only the last step of 0.0012 over 0.50 restarts the patience
-    assert history == [(True, True, 0), (True, True, 1), (True, False, 2), (True, True, 0),
-                       (False, False, 1)]
+        history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best.patience_step,
+                        best.out_of_patience(cfg)))
+    # every IoU gain saves; only the gain of 0.0012 over 0.50 (at step 400) restarts the
+    # patience count, so no point is 250 steps past a restart
+    assert history == [(True, True, 100, False), (True, True, 100, False),
+                       (True, False, 100, False), (True, True, 400, False),
+                       (False, False, 400, False)]
     assert best.best_iou == 0.5012 and best.val_iou == 0.49
+    # stagnation: 250 steps after the last restart, and past min_steps, it stops
+    best.step = 650
+    assert best.out_of_patience(cfg)
+    assert not best.out_of_patience(TrainConfig(patience=250, min_steps=1000))
 
 
 def test_amp_bf16_path_runs_on_cpu(tiny_run, tmp_path):
@@ -218,7 +229,7 @@ def _spawned_rank(local_rank, world_size, cfg, port, result_dir):
 def test_two_process_gloo_ranks_agree(tmp_path):
     """The same worker `python main.py --nproc 2` spawns: both ranks hold the same
     all-reduced metrics and stop at the same epoch."""
-    cfg = tiny_cfg(tmp_path / "run", epochs=4, patience=1, min_delta=2.0)
+    cfg = tiny_cfg(tmp_path / "run", epochs=4, patience=4, min_steps=1, min_delta=2.0)
     mp.spawn(_spawned_rank, args=(2, cfg, main.free_port(), str(tmp_path)), nprocs=2)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
