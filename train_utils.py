@@ -721,23 +721,26 @@ def skip_nonfinite_step(state, cfg, progress):
             f"--lr, --amp off or bf16, or check loss_fn")
 
 
-def validate_and_save(state, cfg, progress, val_loader, log, elapsed_s):
+def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     """Validate the EMA model, fold the scores into `progress` (and decide on early
     stopping), log and plot them, then save last.pt, each best_*.pt it beat and a picture of
-    samples. Returns the pictures (the first val batch)."""
+    samples. Returns the pictures (the first val batch). run_start: when the run would have
+    started had it never stopped (this segment's start less the wall time before it)."""
     tick = time.time()
     val_mse, val_iou, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
                                      state.device, state.dtype)
     saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
     progress.stopped_early = progress.out_of_patience(cfg)
-    print0(f"step {progress.step} (epoch {progress.epoch + 1}): val_mse {val_mse:.4f}  "
+    print0(f"step {progress.step} (epoch {epoch + 1}): val_mse {val_mse:.4f}  "
            f"val_iou {val_iou:.4f}  (best {progress.best_iou:.4f}, "
            f"{progress.step - progress.patience_step}/{cfg.patience} steps without gain)")
-    log.write(epoch=progress.epoch + 1, step=progress.step, val_mse=val_mse, val_iou=val_iou,
-              lr=state.scheduler.get_last_lr()[0], elapsed_s=elapsed_s)
+    log.write(epoch=epoch + 1, step=progress.step, val_mse=val_mse, val_iou=val_iou,
+              lr=state.scheduler.get_last_lr()[0], elapsed_s=time.time() - run_start)
     log.plot()
     state.last_eval_step = progress.step
-    progress.val_seconds += time.time() - tick
+    now = time.time()
+    progress.val_seconds += now - tick
+    progress.wall_seconds = now - run_start
     save_run(state, cfg, progress, ["last.pt", *saves, f"samples_step{progress.step:07d}.png"],
              vis)
     return vis
@@ -794,8 +797,8 @@ def train(cfg, resume_from=None, device=None):
            f"without gain, not before step {cfg.min_steps}"
            + (f"\nset by rule: {cfg.describe_auto()}" if cfg.auto_fields else ""))
 
-    start, out_of_time = time.time(), deadline(cfg.max_minutes)
-    wall_before = progress.wall_seconds        # of the segments before a resume
+    out_of_time = deadline(cfg.max_minutes)
+    run_start = time.time() - progress.wall_seconds   # less the segments before a resume
     epochs = range(progress.epoch, cfg.epochs) if cfg.epochs else itertools.count(progress.epoch)
     vis = None
     for epoch in epochs:
@@ -819,14 +822,13 @@ def train(cfg, resume_from=None, device=None):
             log.add_step(*result, images=batch[0].shape[0])
             if progress.step % cfg.log_every == 0:
                 lr = state.scheduler.get_last_lr()[0]
-                loss, speed = log.write_losses(epoch + 1, progress.step, lr, time.time() - start)
+                loss, speed = log.write_losses(epoch + 1, progress.step, lr,
+                                               time.time() - run_start)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
             finished = progress.step == cfg.max_steps
             if progress.step % cfg.val_every == 0 or finished:
                 progress.set_position(epoch, done, len(train_loader))
-                progress.wall_seconds = wall_before + time.time() - start
-                vis = validate_and_save(state, cfg, progress, val_loader, log,
-                                        time.time() - start)
+                vis = validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start)
                 finished = finished or progress.stopped_early
                 log.restart_clock()
         bar.close()
@@ -836,9 +838,8 @@ def train(cfg, resume_from=None, device=None):
         progress.stopped_by_time = stopped
         if stopped or finished or epoch + 1 == cfg.epochs:
             if state.last_eval_step != progress.step:   # a last validation and save
-                progress.wall_seconds = wall_before + time.time() - start
-                vis = validate_and_save(state, cfg, progress, val_loader, log,
-                                        time.time() - start)
+                vis = validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start)
+            progress.wall_seconds = time.time() - run_start
             print0(f"stopped at step {progress.step}, epoch {epoch + 1}: "
                    + ("time budget reached" if stopped else
                       f"val IoU has not improved for {cfg.patience} steps"

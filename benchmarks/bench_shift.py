@@ -1,16 +1,16 @@
-"""How the noise schedule shift changes what DDPM-v2 learns in a fixed number of epochs.
+"""How the noise schedule shift changes what DDPM-v2 learns in a fixed number of steps.
 
     python benchmarks/bench_shift.py --data ../shared/data/jsrt-lungs --image-size 128 \
-        --epochs 20 --shifts 1 2 4 8 16 32 --parallel 2
+        --steps 400 --val-every 100 --shifts 1 2 4 8 16 32 --parallel 2
 
-Trains `main.py --schedule-shift S` for each S, the same data, seed and number of epochs
-(no time limit and no early stop, so every run takes the same optimiser steps), and reads
-each run's EMA val IoU (one sample, --eval-steps DDIM steps) from its metrics.csv. --score
+Trains `main.py --schedule-shift S` for each S, the same data, seed and number of optimiser
+steps (no time limit and no early stop), validating every --val-every steps, and reads each
+run's EMA val IoU (one sample, --eval-steps DDIM steps) from its metrics.csv. --score
 also scores each best_iou.pt on the test split (one sample, 25 DDIM steps, threshold 0.5).
 
 --parallel N runs N trainings at once, each pinned to its own CPU with taskset (one torch
 thread each), which on a small CPU machine finishes a sweep sooner than one at a time with
-all threads; the epochs, not the clock, bound each run, so the figures do not depend on
+all threads; the steps, not the clock, bound each run, so the figures do not depend on
 it. A run folder that already holds a finished run of the same config is read, not
 retrained (--retrain to force). Further main.py flags go after a `--`. Prints a table and
 writes JSON beside the runs.
@@ -34,36 +34,37 @@ from train_targets import test_scores  # noqa: E402
 from utils import read_checkpoint  # noqa: E402
 
 # config keys a finished run may differ in and still count: where and how it ran, and the
-# patience, which cannot have mattered to a run that reached the last epoch
-IGNORED_ON_REUSE = ("out", "resume", "nproc", "num_workers", "log_every", "patience")
+# patience, which cannot have mattered to a run that reached its last step
+IGNORED_ON_REUSE = ("out", "resume", "nproc", "num_workers", "log_every", "patience",
+                    "auto_fields")
 # flags the sweep sets itself
-OWN_FLAGS = ("--data", "--image-size", "--epochs", "--max-minutes", "--seed", "--patience",
-             "--schedule-shift", "--out", "--resume")
+OWN_FLAGS = ("--data", "--image-size", "--max-steps", "--val-every", "--max-minutes", "--seed",
+             "--patience", "--min-steps", "--schedule-shift", "--out", "--resume")
 
 
 def val_curve(run):
-    """{epoch: val IoU} from a run folder's metrics.csv."""
+    """{step: val IoU} from a run folder's metrics.csv."""
     with open(run / "metrics.csv") as f:
-        return {int(r["epoch"]): float(r["val_iou"]) for r in csv.DictReader(f) if r["val_iou"]}
+        return {int(r["step"]): float(r["val_iou"]) for r in csv.DictReader(f) if r["val_iou"]}
 
 
 def main_flags(args, shift, run):
-    return ["--data", args.data, "--image-size", str(args.image_size), "--epochs",
-            str(args.epochs), "--max-minutes", "0", "--seed", str(args.seed),
-            "--patience", str(args.epochs + 1),     # every run trains all its epochs
+    return ["--data", args.data, "--image-size", str(args.image_size), "--max-steps",
+            str(args.steps), "--val-every", str(args.val_every), "--max-minutes", "0",
+            "--seed", str(args.seed), "--min-steps", str(args.steps),   # no early stop
             "--schedule-shift", f"{shift:g}", "--out", str(run), *args.flags]
 
 
-def finished(run, flags, epochs):
+def finished(run, flags, steps):
     """True when `run` holds a run of `flags` (same config, where-and-how flags aside) that
-    validated at `epochs`."""
+    validated at `steps`."""
     if not (run / "last.pt").is_file() or not (run / "metrics.csv").is_file():
         return False
     stored = read_checkpoint(run / "last.pt")["config"]
     wanted = launcher.parse_args(flags)[0].to_dict()
     stored["data"] = str((ROOT / stored["data"]).resolve())   # main.py ran in the repo root
     differ = [k for k in wanted if k not in IGNORED_ON_REUSE and stored.get(k) != wanted[k]]
-    return not differ and max(val_curve(run), default=0) >= epochs
+    return not differ and max(val_curve(run), default=0) >= steps
 
 
 def launch(flags, run, cpu):
@@ -83,7 +84,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per run")
+    parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--shifts", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=1,
@@ -110,7 +112,7 @@ def main():
 
     flags = {s: main_flags(args, s, runs[s]) for s in args.shifts}
     todo = [s for s in args.shifts
-            if args.retrain or not finished(runs[s], flags[s], args.epochs)]
+            if args.retrain or not finished(runs[s], flags[s], args.steps)]
     cpus = sorted(os.sched_getaffinity(0))[:args.parallel] if args.parallel > 1 else [None]
     running = {}                                                    # process -> its CPU
     try:
@@ -128,30 +130,30 @@ def main():
             proc.terminate()
             proc.wait()
 
-    marks = sorted({e for e in (5, 10, args.epochs) if e <= args.epochs})
+    marks = sorted(val_curve(runs[args.shifts[0]]))[-4:]     # the last four validations
     rows = {}
     for s in args.shifts:
         curve = val_curve(runs[s])
-        best_epoch = max(curve, key=curve.get)
+        best_step = max(curve, key=curve.get)
         row = {"val_iou": {e: curve.get(e) for e in marks},
-               "best_val_iou": curve[best_epoch], "best_epoch": best_epoch}
+               "best_val_iou": curve[best_step], "best_step": best_step}
         if args.score:
             dice, iou, n = test_scores(runs[s] / "best_iou.pt", args.data)
             row.update(test_dice=dice, test_iou=iou, test_images=n)
         rows[f"{s:g}"] = row
 
-    print(f"\n{name} at {args.image_size} px, {args.epochs} epochs, seed {args.seed}; "
-          f"EMA val IoU (one sample, DDIM)")
-    head = f"{'shift':>6s} " + " ".join(f"{f'ep {e}':>7s}" for e in marks) + f" {'best (ep)':>12s}"
+    print(f"\n{name} at {args.image_size} px, {args.steps} steps, seed {args.seed}; "
+          f"EMA val IoU (one sample, DDIM) at step")
+    head = f"{'shift':>6s} " + " ".join(f"{e:>7d}" for e in marks) + f" {'best (step)':>15s}"
     print(head + ("  test Dice  test IoU" if args.score else ""))
     for s, r in rows.items():
         line = (f"{s:>6s} " + " ".join(f"{r['val_iou'][e]:7.4f}" if r["val_iou"][e] is not None
                                        else f"{'-':>7s}" for e in marks)
-                + f" {r['best_val_iou']:7.4f} ({r['best_epoch']:2d})")
+                + f" {r['best_val_iou']:7.4f} ({r['best_step']:5d})")
         if args.score:
             line += f"  {r['test_dice']:9.4f} {r['test_iou']:9.4f}"
         print(line)
-    report = {"data": args.data, "image_size": args.image_size, "epochs": args.epochs,
+    report = {"data": args.data, "image_size": args.image_size, "steps": args.steps,
               "seed": args.seed, "flags": args.flags, "parallel": args.parallel, "runs": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")

@@ -70,6 +70,9 @@ def test_schedule_shift_divides_snr_by_shift_squared(schedule, shift):
 def test_schedule_shift_must_be_finite_and_positive(shift):
     with pytest.raises(ValueError, match="shift"):
         Diffusion(100, shift=shift)
+    if shift == 0:   # in a config, 0 asks for the rule by image size
+        assert TrainConfig(schedule_shift=shift).schedule_shift > 0
+        return
     with pytest.raises(ValueError, match="schedule_shift"):
         TrainConfig(schedule_shift=shift)
 

@@ -275,7 +275,7 @@ def test_evaluate_end_to_end_writes_every_file(tiny_run, tiny_folder, tmp_path):
     assert saved["settings"]["ensemble"] == 3 and saved["settings"]["fusion"] == "staple"
     # sampling time is part of the whole call's: no clock on a busy machine can break this
     assert 0 < saved["seconds_per_image"] * 6 <= elapsed
-    assert list(out.glob("sheet_*.png"))
+    assert list(out.glob("sheet_*.png")) and (out / "reliability.png").is_file()
 
 
 def test_predict_folder_of_unlabelled_images(tiny_run, tiny_folder, tmp_path):
@@ -373,3 +373,23 @@ def test_entropy_is_symmetric_and_zero_where_samples_agree():
     assert entropy[2] == pytest.approx(entropy[3], abs=1e-6)
     assert entropy[4] == pytest.approx(1.0)
     assert entropy[2] == pytest.approx(-(0.2 * math.log2(0.2) + 0.8 * math.log2(0.8)), abs=1e-6)
+
+
+def test_expected_calibration_error_on_crafted_probabilities():
+    from utils import calibration_bins, expected_calibration_error
+    rng = np.random.default_rng(0)
+    # calibrated: probability 0.3 where 30% of pixels are foreground, 0.9 where 90% are
+    probs = np.r_[np.full(1000, 0.3), np.full(1000, 0.9)]
+    labels = np.r_[np.arange(1000) < 300, np.arange(1000) < 900]
+    assert expected_calibration_error(*calibration_bins(probs, labels)) == pytest.approx(0)
+    # over-confident: 0.9 where only 60% are foreground, on half the pixels -> 0.5 * 0.3
+    labels = np.r_[np.arange(1000) < 300, np.arange(1000) < 600]
+    assert expected_calibration_error(*calibration_bins(probs, labels)) == pytest.approx(0.15)
+    # a hard mask that is right on 95% of pixels: ECE is its error rate
+    truth = rng.random(2000) < 0.4
+    hard = np.where(rng.random(2000) < 0.95, truth, ~truth).astype(float)
+    assert expected_calibration_error(*calibration_bins(hard, truth)) == pytest.approx(
+        (hard != truth).mean())
+    # bins add up over batches, and 1.0 lands in the last bin
+    counts, psum, ysum = calibration_bins(np.array([0.0, 1.0, 0.5]), np.array([0, 1, 1]), 4)
+    assert counts.tolist() == [1, 0, 1, 1] and psum.tolist() == [0, 0, 0.5, 1]

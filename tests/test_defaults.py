@@ -1,0 +1,105 @@
+"""Settings resolved from the data: the image-size rule, the step budgets, the val split
+rule; an explicit flag always wins."""
+import math
+
+import pytest
+import torch
+
+import main
+from conftest import TINY_FLAGS
+from dataset import held_back_count, split_indices
+from train_utils import train
+from utils import TrainConfig, run_length_defaults, size_defaults
+
+
+@pytest.mark.parametrize("size,batch,shift,eval_steps", [
+    (32, 16, 4.0, 10), (64, 16, 16.0, 1), (128, 8, 64.0, 1), (256, 4, 256.0, 1),
+    (512, 4, 1024.0, 1), (16, 16, 1.0, 10)])
+def test_size_rule_table(size, batch, shift, eval_steps):
+    assert size_defaults(size) == {"batch_size": batch, "schedule_shift": shift,
+                                   "eval_steps": eval_steps}
+    cfg = TrainConfig(image_size=size)
+    assert (cfg.batch_size, cfg.schedule_shift, cfg.eval_steps) == (batch, shift, eval_steps)
+    assert set(cfg.auto_fields) == {"batch_size", "schedule_shift", "eval_steps"}
+
+
+def test_an_explicit_flag_wins_over_the_rule():
+    cfg, explicit = main.parse_args(["--image-size", "128", "--batch-size", "16",
+                                     "--schedule-shift", "1"])
+    assert cfg.batch_size == 16 and cfg.schedule_shift == 1.0 and cfg.eval_steps == 1
+    assert cfg.auto_fields == ("eval_steps",)
+    # stored and read back: the resolved values, not the rule, so a later rule cannot
+    # change what a checkpoint means
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_run_length_rule():
+    cfg = TrainConfig(image_size=64)        # batch 16, 1 validation DDIM step
+    assert run_length_defaults(cfg, num_val=20) == {"val_every": 100, "patience": 1000,
+                                                    "min_steps": 1000}
+    big = TrainConfig(image_size=64, eval_steps=10)
+    # 7 x 2000 images x 10 steps / 16 = 8750 steps between validations: about 5% of the time
+    assert run_length_defaults(big, num_val=2000) == {"val_every": 8750, "patience": 87500,
+                                                      "min_steps": 1000}
+    fixed = TrainConfig(val_every=50, patience=300, min_steps=7)
+    assert run_length_defaults(fixed, num_val=20) == {"val_every": 50, "patience": 300,
+                                                      "min_steps": 7}
+
+
+@pytest.mark.parametrize("n,count", [(5, 1), (24, 5), (50, 10), (100, 20), (198, 20),
+                                     (213, 21), (1000, 100)])
+def test_val_split_rule(n, count):
+    assert held_back_count(-1, n) == count
+    assert held_back_count(0.1, n) == max(1, round(0.1 * n))
+
+
+def test_a_larger_val_split_never_moves_the_test_split():
+    test_a, val_a, _ = split_indices(100, [0.1, 0.1], seed=3)
+    test_b, val_b, _ = split_indices(100, [0.1, -1], seed=3)
+    assert test_a == test_b and len(val_b) == 20 and set(val_a) < set(val_b)
+
+
+def test_old_configs_keep_their_meaning():
+    """A checkpoint's config from before these rules: its shift was 1 (the published
+    schedule) and its patience counted validations, which now means the step rule."""
+    old = TrainConfig(image_size=128).to_dict()
+    for key in ("schedule_shift", "val_every", "min_steps", "max_steps", "auto_fields"):
+        del old[key]
+    old.update(eval_every=1, save_every=1, patience=10, batch_size=16, eval_steps=10)
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.schedule_shift == 1.0 and cfg.patience == 0 and cfg.batch_size == 16
+
+
+def test_validation_mid_epoch_and_resume_from_it(tmp_path):
+    """Validation every 3 steps lands inside epochs (4 steps each); a run stopped by
+    --max-steps at step 6 (epoch 2, batch 2) resumes from that save and repeats the
+    uninterrupted run step for step."""
+    import csv
+    from utils import resume_config
+    flags = TINY_FLAGS + ["--val-every", "3", "--epochs", "3"]
+    full, _ = main.parse_args(flags + ["--out", str(tmp_path / "full")])
+    train(full)
+    part, _ = main.parse_args(flags + ["--max-steps", "6", "--out", str(tmp_path / "part")])
+    result = train(part)
+    assert (result.progress.step, result.progress.epoch, result.progress.batch) == (6, 1, 2)
+    cfg, checkpoint = resume_config(*main.parse_args(
+        flags + ["--max-steps", "0", "--resume", "auto", "--out", str(tmp_path / "part")]))
+    assert cfg.max_steps == 0
+    train(cfg, resume_from=checkpoint)
+
+    def losses(run):
+        with open(run / "metrics.csv") as f:
+            return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}
+
+    def validations(run):
+        with open(run / "metrics.csv") as f:
+            return [int(r["step"]) for r in csv.DictReader(f) if r["val_iou"]]
+
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(math.isclose(a[s], b[s], abs_tol=1e-6) for s in a)
+    assert validations(tmp_path / "full") == validations(tmp_path / "part") == [3, 6, 9, 12]
+    wa = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["ema"]
+    wb = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["ema"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
