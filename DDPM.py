@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 PREDICTION_TYPES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 # ------------------------------------------------------------------ noise schedules
@@ -75,11 +77,13 @@ def get_beta_schedule(name, timesteps, shift=1.0):
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
 
 
-def model_input(x_t, image):
-    """What the denoiser sees: the noisy mask and the conditioning image stacked on the
-    channel axis, (B, M, H, W) + (B, C, H, W) -> (B, M + C, H, W). The one place that
-    builds it (training, validation and sampling all call this)."""
-    return torch.cat([x_t, image.to(x_t.dtype)], dim=1)
+def model_input(x_t, image, x0_prev=None):
+    """What the denoiser sees: the noisy mask, with self-conditioning the previous estimate
+    of the clean mask, and the conditioning image, stacked on the channel axis:
+    (B, M, H, W) [+ (B, M, H, W)] + (B, C, H, W). The one place that builds it (training,
+    validation and sampling all call this)."""
+    parts = [x_t] if x0_prev is None else [x_t, x0_prev.to(x_t.dtype)]
+    return torch.cat([*parts, image.to(x_t.dtype)], dim=1)
 
 
 def extract(arr, t, shape):
@@ -119,15 +123,29 @@ class Diffusion:
     are moved to the caller's device when used, so one object serves any model and device.
     """
 
-    def __init__(self, timesteps=1000, schedule="cosine", prediction="eps", shift=1.0):
+    def __init__(self, timesteps=1000, schedule="cosine", prediction="eps", shift=1.0,
+                 self_condition=False, timestep_sampling="uniform", loss_weighting="none",
+                 min_snr_gamma=5.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, "
+                             f"got {timestep_sampling!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
+                             f"got {loss_weighting!r}")
         self.num_timesteps = int(timesteps)
         self.schedule = schedule
         self.prediction = prediction
         self.shift = float(shift)
+        # self-conditioning (Chen et al. 2022, "Analog Bits", sec. 3.2): the model also
+        # sees its own previous estimate of x0 (zeros when there is none)
+        self.self_condition = bool(self_condition)
+        self.timestep_sampling = timestep_sampling
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
 
         betas = get_beta_schedule(schedule, self.num_timesteps, shift=self.shift).double()
         alphas = 1.0 - betas
@@ -177,14 +195,41 @@ class Diffusion:
 
     def __repr__(self):
         return (f"Diffusion(timesteps={self.num_timesteps}, schedule={self.schedule!r}, "
-                f"prediction={self.prediction!r}, shift={self.shift:g})")
+                f"prediction={self.prediction!r}, shift={self.shift:g}, "
+                f"self_condition={self.self_condition})")
 
     # ----------------------------------------------------------------- forward process
     def sample_timesteps(self, n, device=None, generator=None):
-        """n timesteps drawn uniformly from [0, T), as a long tensor of shape (n,)."""
+        """n training timesteps, a long tensor of shape (n,) with values in 0..T-1: uniform,
+        or with timestep_sampling="logit_normal" t = floor(T sigmoid(u)), u ~ N(0, 1)
+        (Esser et al. 2024, eq. 19), which trains the middle noise levels more often and
+        the nearly clean and nearly pure-noise ends less."""
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gen_device)
+        if self.timestep_sampling == "uniform":
+            t = torch.randint(0, self.num_timesteps, (n,), generator=generator,
+                              device=gen_device)
+        else:
+            u = torch.randn(n, generator=generator, device=gen_device)
+            t = (torch.sigmoid(u) * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
         return t.to(device) if device is not None else t
+
+    def loss_weight(self, t):
+        """Per-example weight of the regression loss at timesteps t, shape (B,): 1, or
+        min-SNR-gamma (Hang et al. 2023, eq. 9 and its variants): the weight that makes the
+        loss on any prediction type equal min(SNR, gamma) times the error of x0, so the
+        nearly clean steps (high SNR), which are easy, stop dominating the gradient."""
+        if self.loss_weighting == "none":
+            return torch.ones(t.shape[0], device=t.device)
+        abar = self.alphas_cumprod.to(t.device)[t].double()
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction == "x0":
+            weight = clipped
+        elif self.prediction == "eps":
+            weight = clipped / snr
+        else:   # v: |v error|^2 = (1 + SNR) |x0 error|^2
+            weight = clipped / (snr + 1)
+        return weight.float()
 
     def noise_image(self, x0, t, noise=None):
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I), Ho eq. 4.
@@ -243,31 +288,43 @@ class Diffusion:
         return x0, eps
 
     # ------------------------------------------------------------------- samplers
-    def _model_output(self, model, x_t, image, t):
-        dtype = next(model.parameters()).dtype
-        return model(model_input(x_t, image).to(dtype), t).float()   # (B, 1, H, W)
+    def model_input(self, x_t, image, x0_prev=None):
+        """model_input() for this diffusion: with self-conditioning, x0_prev (zeros when
+        None, as at the first step); without, x0_prev is ignored."""
+        if not self.self_condition:
+            return model_input(x_t, image)
+        return model_input(x_t, image, torch.zeros_like(x_t) if x0_prev is None else x0_prev)
 
-    def p_sample_step(self, model, x_t, image, t_int, generator=None):
+    def _model_output(self, model, x_t, image, t, x0_prev=None):
+        dtype = next(model.parameters()).dtype
+        x_in = self.model_input(x_t, image, x0_prev).to(dtype)
+        return model(x_in, t).float()                                   # (B, 1, H, W)
+
+    def p_sample_step(self, model, x_t, image, t_int, generator=None, x0_prev=None):
         """One ancestral step x_t -> x_{t-1} (Ho Algorithm 2, posterior variance).
 
         Returns (x_{t-1}, predicted x0). At t=0 no noise is added and x_{t-1} is x0.
+        x0_prev: the previous step's predicted x0, for self-conditioning.
         """
         t = torch.full((x_t.shape[0],), t_int, device=x_t.device, dtype=torch.long)
-        x0, _ = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t))
+        x0, _ = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t, x0_prev))
         mean, _, log_variance = self.q_posterior(x0, x_t, t)
         if t_int == 0:
             return mean, x0
         noise = _randn(x_t.shape, generator, x_t.device)
         return mean + (0.5 * log_variance).exp() * noise, x0
 
-    def ddim_step(self, model, x_t, image, t_int, t_prev_int, eta=0.0, generator=None):
+    def ddim_step(self, model, x_t, image, t_int, t_prev_int, eta=0.0, generator=None,
+                  x0_prev=None):
         """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev=-1 means x0.
 
         sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev):
         eta=0 is the deterministic DDIM, eta=1 the stochastic one matching DDPM's variance.
+        x0_prev: the previous step's predicted x0, for self-conditioning.
         """
         t = torch.full((x_t.shape[0],), t_int, device=x_t.device, dtype=torch.long)
-        x0, eps = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t))
+        x0, eps = self.predict_x0_eps(x_t, t, self._model_output(model, x_t, image, t,
+                                                                 x0_prev))
         if t_prev_int < 0:
             return x0, x0
         abar_t, abar_prev = self._abar[t_int], self._abar[t_prev_int]
@@ -297,13 +354,14 @@ class Diffusion:
         else:
             grid = ddim_timesteps(self.num_timesteps, steps)
         ancestral = steps == self.num_timesteps
+        x0 = None   # the previous estimate, for self-conditioning: none before the first step
         for i in tqdm(range(len(grid)), disable=not progress, desc="sampling", leave=False):
             t_int = grid[i]
             if ancestral:
-                x_t, x0 = self.p_sample_step(model, x_t, image, t_int, generator)
+                x_t, x0 = self.p_sample_step(model, x_t, image, t_int, generator, x0)
             else:
                 t_prev = grid[i + 1] if i + 1 < len(grid) else -1
-                x_t, x0 = self.ddim_step(model, x_t, image, t_int, t_prev, eta, generator)
+                x_t, x0 = self.ddim_step(model, x_t, image, t_int, t_prev, eta, generator, x0)
             yield t_int, x_t, x0
 
     def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False,

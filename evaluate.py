@@ -319,9 +319,11 @@ def build_parser():
     parser.add_argument("--images", help="folder of images without masks: write predictions")
     parser.add_argument("--out", help="folder for the results; default: eval-<checkpoint "
                                       "name>/ (predict-<name>/ with --images) beside it")
-    parser.add_argument("--steps", type=int, default=25,
-                        help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral DDPM")
-    parser.add_argument("--ensemble", type=int, default=1, help="samples per image (K)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral "
+                             "DDPM; default: the count the checkpoint's run chose on its val "
+                             "split (25 for checkpoints without one)")
+    parser.add_argument("--ensemble", type=int, default=5, help="samples per image (K)")
     parser.add_argument("--fusion", default="mean", choices=FUSIONS)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"))
@@ -388,6 +390,9 @@ def main(argv=None):
                                                 else f"eval-{checkpoint.stem}"))
     try:
         model, diffusion, config = load_checkpoint(args.checkpoint, weights=args.weights)
+        state = read_checkpoint(args.checkpoint)
+        if args.steps is None:
+            args.steps = state.get("sample_steps") or 25
         device = torch.device(args.device)
         model = prepare_model(model, device, args.compile)
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -403,7 +408,6 @@ def main(argv=None):
         metrics = evaluate(model, diffusion, dataset, out, eta=args.eta,
                            spacing=args.spacing, tolerance=args.tolerance,
                            names=dataset.names, **common)
-        state = read_checkpoint(args.checkpoint)
     except (CheckpointError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -15,6 +15,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -25,12 +26,12 @@ from tqdm.auto import tqdm
 
 from dataset import (MIN_VAL_IMAGES, WithDistanceMaps, build_datasets, make_loader, set_epoch,
                      signed_distance_map)
-from DDPM import Diffusion, model_input
+from DDPM import Diffusion
 from model import PatchDiscriminator, check_registered
 from utils import (CheckpointError, Progress, build_model_and_diffusion, checkpoint_state,
-                   find_resume_checkpoint, is_main, overlap_scores, print0, restore_checkpoint,
-                   run_length_defaults, save_checkpoint, save_images, seed_everything,
-                   set_rng_state, unwrap)
+                   find_resume_checkpoint, is_main, overlap_scores, print0, read_checkpoint,
+                   restore_checkpoint, run_length_defaults, save_checkpoint, save_images,
+                   seed_everything, set_rng_state, unwrap)
 
 # also importable from here, as the original README and notebooks have them
 from DDPM import cosine_beta_schedule, linear_beta_schedule, shift_alphas_cumprod  # noqa: F401
@@ -55,7 +56,8 @@ def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image, cfg,
 
     A new term is two lines: compute it per image from `mask_pred`, weight it into `parts`.
     """
-    parts = {"mse": F.mse_loss(model_output.float(), target)}
+    mse = F.mse_loss(model_output.float(), target, reduction="none").flatten(1).mean(1)  # (B,)
+    parts = {"mse": weighted(mse, diffusion.loss_weight(t))}   # 1, or min-SNR-gamma
 
     x0, _ = diffusion.predict_x0_eps(x_t, t, model_output, clip=False)
     mask_pred = ((x0 + 1) / 2).clamp(0, 1)                        # (B, 1, H, W) in [0, 1]
@@ -377,16 +379,17 @@ def _fmt(v):
 
 # ----------------------------------------------------------------- validation
 @torch.no_grad()
-def validate(ema_model, diffusion, loader, cfg, device, dtype):
-    """EMA model on the validation set: (val_mse, val_iou, first batch for pictures).
+def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
+    """EMA model on the validation set: (val_mse, val_iou, val_dice, first batch for pictures).
 
-    val_mse: the diffusion MSE (model output against its target) at a timestep and noise
-    seeded by each image's index; val_iou: `eval_steps` DDIM steps (eta=0) from a start noise
-    seeded the same way, threshold 0.5, averaged over images (two empty masks count as IoU
-    1). So both are comparable across validations, batch sizes and process counts. Both are
-    all-reduced as [sum, count], so every rank holds the same numbers.
+    val_mse: the diffusion MSE (model output against its target, unweighted) at a timestep
+    and noise seeded by each image's index; val_iou and val_dice: `steps` (default
+    --eval-steps) DDIM steps (eta=0) from a start noise seeded the same way, threshold 0.5,
+    averaged over images (two empty masks score 1). So all are comparable across
+    validations, batch sizes and process counts. All are all-reduced as [sum, count], so
+    every rank holds the same numbers.
     """
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # mse sum, iou sum, images
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # mse, iou, dice, images
     vis = None
     for index, image, mask in loader:
         image = image.to(device, non_blocking=True)
@@ -399,21 +402,22 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype):
         start = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens])
         x_t, _ = diffusion.noise_image(x0, t, noise)
         with autocast(device, dtype):
-            out = ema_model(model_input(x_t, image), t)
+            out = ema_model(diffusion.model_input(x_t, image), t)
         per_image = (out.float() - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
         with autocast(device, dtype):
-            probs = diffusion.sample(ema_model, image, steps=cfg.eval_steps, noise=start,
-                                     generator=gens[0])  # the ancestral sampler's later draws
-        sums += torch.stack([per_image.mean(1).sum(),
-                             overlap_scores(probs > 0.5, mask > 0.5)[1].sum(),
+            probs = diffusion.sample(ema_model, image, steps=steps or cfg.eval_steps,
+                                     noise=start, generator=gens[0])  # the ancestral sampler's later draws
+        dice, iou = overlap_scores(probs > 0.5, mask > 0.5)
+        sums += torch.stack([per_image.mean(1).sum(), iou.sum(), dice.sum(),
                              torch.tensor(float(len(index)), device=device)]).double()
         if vis is None:
             vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu(),
                    probs[:cfg.num_vis].float().cpu())
     if get_world_size() > 1:
         dist.all_reduce(sums)
-    mse_sum, iou_sum, count = sums.tolist()
-    return mse_sum / max(count, 1), iou_sum / max(count, 1), vis
+    mse_sum, iou_sum, dice_sum, count = sums.tolist()
+    count = max(count, 1)
+    return mse_sum / count, iou_sum / count, dice_sum / count, vis
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -504,6 +508,7 @@ class TrainState:
     dtype: Optional[torch.dtype]        # autocast dtype; None = fp32
     channels_last: bool
     nonfinite_streak: int = 0           # skipped steps in a row
+    choice_seconds: float = 0.0         # the estimated cost of choose_sample_steps
     last_eval_step: int = -1            # the step of the last validation (and save), so a
                                         # stop right after one does not repeat it
 
@@ -582,6 +587,16 @@ def resolve_run_length(cfg, num_val):
                f"--val-fraction (the rule takes up to 20%).")
 
 
+def lr_factor(cfg, step):
+    """The learning rate at `step` as a fraction of --lr: a linear warm-up over
+    --warmup-steps, then constant, or a cosine decay to 0 at --max-steps."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return warm
+    done = min(1.0, (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1))
+    return 0.5 * (1 + math.cos(math.pi * done))
+
+
 def build_state(cfg, device):
     """Model, EMA, optimiser, scheduler, scaler and critic: the same init on every rank."""
     seed_everything(cfg.seed)
@@ -595,8 +610,7 @@ def build_state(cfg, device):
     dtype = amp_dtype(cfg.amp, device)
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = EMA(raw_model, cfg.ema_decay, cfg.ema_warmup)
     adversary = (Adversary(cfg, device, dtype, get_world_size()) if cfg.loss_adversarial
@@ -638,10 +652,10 @@ def wrap_model(model, cfg, device):
 
 
 def deadline(minutes):
-    """A function telling whether `minutes` of wall time have passed since this call (never
-    for minutes <= 0)."""
+    """A function telling whether `minutes` of wall time, less `reserve` seconds, have passed
+    since this call (never for minutes <= 0)."""
     end = time.time() + 60 * minutes
-    return lambda: minutes > 0 and time.time() > end
+    return lambda reserve=0.0: minutes > 0 and time.time() > end - reserve
 
 
 def epoch_batches(state, cfg, progress, loader, epoch, rng):
@@ -669,7 +683,12 @@ def train_step(state, cfg, progress, batch):
     x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
     t = diffusion.sample_timesteps(x0.shape[0], device=s.device)
     x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
-    x_in = model_input(x_t, image)                            # (B, 1 + C, H, W)
+    x0_prev = None
+    if diffusion.self_condition and torch.rand(()) < 0.5:    # half the steps, as Chen et al.
+        with torch.no_grad(), autocast(s.device, s.dtype):
+            first = s.model(diffusion.model_input(x_t, image), t)
+        x0_prev, _ = diffusion.predict_x0_eps(x_t, t, first.float())  # detached, clipped
+    x_in = diffusion.model_input(x_t, image, x0_prev)        # (B, 1 [+ 1] + C, H, W)
     if s.channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
     with autocast(s.device, s.dtype):
@@ -727,8 +746,11 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     samples. Returns the pictures (the first val batch). run_start: when the run would have
     started had it never stopped (this segment's start less the wall time before it)."""
     tick = time.time()
-    val_mse, val_iou, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
-                                     state.device, state.dtype)
+    val_mse, val_iou, _, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
+                                        state.device, state.dtype)
+    # what choosing the sampling steps at the end will cost: the budget keeps it in reserve
+    state.choice_seconds = ((time.time() - tick) * sum(SAMPLE_STEP_CANDIDATES)
+                            / max(cfg.eval_steps, 1))
     saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
     progress.stopped_early = progress.out_of_patience(cfg)
     print0(f"step {progress.step} (epoch {epoch + 1}): val_mse {val_mse:.4f}  "
@@ -744,6 +766,44 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     save_run(state, cfg, progress, ["last.pt", *saves, f"samples_step{progress.step:07d}.png"],
              vis)
     return vis
+
+
+SAMPLE_STEP_CANDIDATES = (1, 2, 5, 10, 25)
+
+
+def choose_sample_steps(state, cfg, progress, val_loader):
+    """At the end of a run: the DDIM step count that gives best_iou.pt's EMA weights their
+    best one-sample val Dice (ties to fewer steps), stored as `sample_steps` (with the Dice of
+    every candidate) in best_iou.pt and last.pt; evaluate.py samples with it when given no
+    --steps. Its cost is held in reserve by the --max-minutes budget."""
+    best_path = Path(cfg.out) / "best_iou.pt"
+    if not best_path.is_file():
+        return
+    tick = time.time()
+    model = copy.deepcopy(state.ema.model)
+    model.load_state_dict(read_checkpoint(best_path)["ema"])
+    candidates = [s for s in SAMPLE_STEP_CANDIDATES if s <= state.diffusion.num_timesteps]
+    dice = {steps: validate(model, state.diffusion, val_loader, cfg, state.device, state.dtype,
+                            steps)[2] for steps in candidates}
+    progress.sample_steps = min(dice, key=lambda steps: (-dice[steps], steps))
+    progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
+    progress.val_seconds += time.time() - tick
+    print0("sampling steps by val Dice of best_iou.pt (one sample): "
+           + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
+           + f"; evaluate.py will use {progress.sample_steps}")
+    failure = None
+    if is_main():
+        try:
+            for name in ("best_iou.pt", "last.pt"):
+                stored = read_checkpoint(Path(cfg.out) / name)
+                stored.update(sample_steps=progress.sample_steps,
+                              sample_steps_dice=progress.sample_steps_dice)
+                save_checkpoint(stored, Path(cfg.out) / name)
+        except Exception as e:  # any failure: the other ranks must hear of it
+            failure = e
+    if all_reduce_sums([float(failure is not None)], state.device)[0] > 0:
+        raise RunFolderError(f"could not write the sampling steps to {cfg.out}: "
+                             f"{failure or 'rank 0 failed to save'}")
 
 
 def save_run(state, cfg, progress, names, vis):
@@ -810,7 +870,9 @@ def train(cfg, resume_from=None, device=None):
         log.restart_clock()
         stopped = finished = False
         while done < len(train_loader) and not finished:
-            if stop.poll(out_of_time()):  # before fetching, so a resume fetches the same batch
+            # before fetching, so a resume fetches the same batch; the end's choice of
+            # sampling steps is kept inside the budget
+            if stop.poll(out_of_time(state.choice_seconds)):
                 stopped = True
                 break
             batch = next(batches)
@@ -833,7 +895,7 @@ def train(cfg, resume_from=None, device=None):
                 log.restart_clock()
         bar.close()
 
-        stopped = stop.settle(stopped or out_of_time())    # every rank agrees
+        stopped = stop.settle(stopped or out_of_time(state.choice_seconds))  # all agree
         progress.set_position(epoch, done, len(train_loader))
         progress.stopped_by_time = stopped
         if stopped or finished or epoch + 1 == cfg.epochs:
@@ -848,5 +910,6 @@ def train(cfg, resume_from=None, device=None):
                    f" of {progress.wall_seconds / 60:.1f} minutes")
             break
 
+    choose_sample_steps(state, cfg, progress, val_loader)
     images, contours, samples = vis if vis is not None else (None, None, None)
     return TrainResult(state.ema.model, samples, contours, images, progress)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torchvision.utils import make_grid, save_image
 
 from dataset import FIT_MODES
-from DDPM import PREDICTION_TYPES, SCHEDULES, Diffusion
+from DDPM import LOSS_WEIGHTINGS, PREDICTION_TYPES, SCHEDULES, TIMESTEP_SAMPLING, Diffusion
 from model import MODELS, build_model
 
 CHECKPOINT_VERSION = 1
@@ -27,9 +27,9 @@ CHECKPOINT_VERSION = 1
 # only be loaded, or a run resumed, when these match. The UNet2D fields count only for it.
 UNET_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolutions",
              "dropout")
-DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction")
+DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction", "self_condition")
 # model keys added after checkpoints were already being written: what an older one meant
-LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d"}
+LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d", "self_condition": False}
 
 
 def model_keys(config):
@@ -94,12 +94,21 @@ class TrainConfig:
                                       "shift^2 at every step; > 1 = noisier (large masks); "
                                       "0 = by --image-size (size_defaults)")
     prediction: str = _opt("x0", "what the network predicts", choices=PREDICTION_TYPES)
+    self_condition: bool = _opt(False, "self-conditioning (Chen et al. 2022): the network also "
+                                       "sees its previous estimate of the mask")
+    timestep_sampling: str = _opt("uniform", "density of training timesteps (logit_normal: "
+                                             "Esser et al. 2024)", choices=TIMESTEP_SAMPLING)
+    loss_weighting: str = _opt("none", "weight of the diffusion loss over timesteps "
+                                       "(min_snr: Hang et al. 2023)", choices=LOSS_WEIGHTINGS)
+    min_snr_gamma: float = _opt(5.0, "gamma of --loss-weighting min_snr")
     # optimisation
     epochs: int = _opt(0, "cap on passes over the training data; 0 = none")
     max_steps: int = _opt(0, "cap on optimiser steps; 0 = none")
     batch_size: int = _opt(0, "global batch size, split across processes; 0 = by "
                               "--image-size (size_defaults)")
     lr: float = _opt(1e-3, "AdamW learning rate after warm-up")
+    lr_schedule: str = _opt("constant", "after warm-up: constant, or cosine decay to 0 at "
+                                        "--max-steps", choices=("constant", "cosine"))
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_steps: int = _opt(100, "steps of linear learning-rate warm-up")
     grad_clip: float = _opt(1.0, "gradient-norm clip; 0 = off")
@@ -153,6 +162,8 @@ class TrainConfig:
         self.auto_fields = tuple(sorted({*self.auto_fields, *auto}))
         if not (math.isfinite(self.schedule_shift) and self.schedule_shift > 0):
             raise ValueError(f"schedule_shift must be a finite number > 0, got {self.schedule_shift}")
+        if self.lr_schedule == "cosine" and self.max_steps <= 0:
+            raise ValueError("--lr-schedule cosine decays to 0 at --max-steps: give --max-steps")
         if self.max_minutes < 0:  # `python main.py` is a demo that must end on a laptop CPU
             self.max_minutes = 8.0 if self.data is None else 0.0
         if not self.out:
@@ -263,6 +274,8 @@ class Progress:
     val_seconds: float = 0.0         # ... of which validation, pictures and plots
     stopped_early: bool = False      # on patience
     stopped_by_time: bool = False    # on --max-minutes
+    sample_steps: Optional[int] = None        # DDIM steps that scored best on val at the end
+    sample_steps_dice: Optional[list] = None  # ... [[steps, one-sample val Dice], ...]
 
     def record_validation(self, val_iou, val_mse, min_delta):
         """Fold one validation in; returns the best_*.pt files to write.
@@ -355,10 +368,15 @@ def build_model_and_diffusion(config):
     if name == "unet2d":
         opts = {k: tuple(config[k]) if isinstance(config[k], list) else config[k]
                 for k in UNET_KEYS}
-    model = build_model(name, in_channels=config["channels"] + 1, out_channels=1, **opts)
+    self_condition = config.get("self_condition", False)
+    model = build_model(name, in_channels=config["channels"] + 1 + self_condition,
+                        out_channels=1, **opts)
     diffusion = Diffusion(config["timesteps"], schedule=config["schedule"],
-                          prediction=config["prediction"],
-                          shift=config["schedule_shift"])
+                          prediction=config["prediction"], shift=config["schedule_shift"],
+                          self_condition=self_condition,
+                          timestep_sampling=config.get("timestep_sampling", "uniform"),
+                          loss_weighting=config.get("loss_weighting", "none"),
+                          min_snr_gamma=config.get("min_snr_gamma", 5.0))
     return model, diffusion
 
 

@@ -4,9 +4,12 @@
     python benchmarks/bench_quality.py --data ../shared/data/jsrt-lungs --minutes 10 --image-size 128
 
 DDPM-v2: `python main.py --max-minutes M` with the default config plus --flags and
---ddpm-flags; best_iou.pt (EMA) is scored with one sample and a K=5 ensemble (mean fusion),
-sampled with --steps DDIM steps. Given several, e.g. `--steps 1 5 25`, the count is chosen
-on the validation split (one sample, highest Dice) and only then used on the test split.
+--ddpm-flags; best_iou.pt (EMA) is scored by evaluate.evaluate with one sample and a K=5
+ensemble (mean fusion), sampled with the DDIM step count the run chose on its val split at
+its end (as evaluate.py does), or with --steps: given several, e.g. `--steps 1 5 25`, the
+count is chosen on the validation split here (one sample, highest Dice). The ensemble's
+uncertainty (pixel-error AUROC, entropy on wrong and right pixels) and calibration (ECE)
+are reported beside its Dice; evaluate.py's files for both rows land under --out.
 Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained on the same
 augmented loader with BCE + soft Dice for the same wall-clock minutes, with the same EMA and
 the same --flags (batch size, learning rate, width, ...); the EMA weights of its best
@@ -33,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 import main as launcher  # noqa: E402
 from dataset import ContourDataset, build_datasets, make_loader, set_epoch  # noqa: E402
-from evaluate import predict  # noqa: E402
+from evaluate import evaluate, predict  # noqa: E402
 from model import UNet2D  # noqa: E402
 from train_utils import EMA, soft_dice_loss  # noqa: E402
-from utils import load_checkpoint, mask_metrics, overlap_scores, seed_everything  # noqa: E402
+from utils import (load_checkpoint, mask_metrics, overlap_scores, read_checkpoint,  # noqa: E402
+                   seed_everything)
 
 # main.py flags the benchmark sets itself, for both models
 OWN_FLAGS = ("--data", "--image-size", "--seed", "--out", "--max-minutes", "--resume")
@@ -129,8 +133,9 @@ def main():
     parser.add_argument("--data", required=True)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, nargs="+", default=[25],
-                        help="DDIM steps for DDPM-v2; several = chosen on the val split")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="DDIM steps for DDPM-v2; several = chosen on the val split; "
+                             "default: the count the run chose at its end")
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
@@ -143,7 +148,7 @@ def main():
                         help='further main.py training flags for DDPM-v2 only (diffusion, '
                              'loss terms, validation; not ones that change the backbone, '
                              'which go in --flags), one string: '
-                             '--ddpm-flags="--loss-boundary 1 --eval-every 2"')
+                             '--ddpm-flags="--loss-boundary 1 --val-every 200"')
     args = parser.parse_args()
     flags, ddpm_flags = shlex.split(args.flags), shlex.split(args.ddpm_flags)
     own = [f for f in flags + ddpm_flags if f.split("=")[0] in OWN_FLAGS]
@@ -164,16 +169,23 @@ def main():
                     str(args.seed), "--out", str(out / "ddpm"), *flags, *ddpm_flags], cwd=ROOT,
                    check=True)
     model, diffusion, ddpm_cfg = load_checkpoint(out / "ddpm" / "best_iou.pt")
-    steps, val_dice = choose_steps(model, diffusion, ddpm_cfg, args.steps, args.seed)
-    if len(args.steps) > 1:
-        print("DDIM steps by val Dice (one sample): "
-              + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items()) + f"; using {steps}")
+    stored = read_checkpoint(out / "ddpm" / "best_iou.pt")
+    if args.steps is None:
+        steps = stored.get("sample_steps") or 25
+        val_dice = dict(map(tuple, stored.get("sample_steps_dice") or []))
+    else:
+        steps, val_dice = choose_steps(model, diffusion, ddpm_cfg, args.steps, args.seed)
+    print("DDIM steps by val Dice (one sample): "
+          + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items()) + f"; using {steps}")
     results = {}
-    for k in (1, args.ensemble):
-        generator = torch.Generator().manual_seed(args.seed)   # as bench_sampling: per setting
-        results[f"DDPM-v2 K={k}"] = score(
-            lambda image: predict(model, diffusion, image, steps, ensemble=k,
-                                  generator=generator)[0], test)
+    for k in (1, args.ensemble):   # each from the seed, as evaluate.py and bench_sampling
+        metrics = evaluate(model, diffusion, test, out / f"eval-k{k}", steps=steps, ensemble=k,
+                           seed=args.seed)
+        m, u = metrics["metrics"], metrics["uncertainty"]
+        results[f"DDPM-v2 K={k}"] = {
+            "dice": m["dice"]["mean"], "iou": m["iou"]["mean"], "hd95": m["hd95"]["mean"],
+            "auroc": u["auroc_for_pixel_error"], "entropy_wrong": u["mean_on_wrong_pixels"],
+            "entropy_right": u["mean_on_right_pixels"], "ece": metrics["calibration"]["ece"]}
 
     baseline, info = train_baseline(cfg, args.minutes)
     with torch.no_grad():
@@ -181,9 +193,12 @@ def main():
 
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
           f"{len(test)} test images, DDPM-v2 sampled with {steps} DDIM steps")
-    print(f"{'model':20s} {'Dice':>7s} {'IoU':>7s} {'HD95 px':>8s}")
+    print(f"{'model':20s} {'Dice':>7s} {'IoU':>7s} {'HD95 px':>8s} {'AUROC':>6s} "
+          f"{'H wrong':>7s} {'H right':>7s} {'ECE':>7s}")
     for model_name, r in results.items():
-        print(f"{model_name:20s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}")
+        extra = (f" {r['auroc']:6.3f} {r['entropy_wrong']:7.3f} {r['entropy_right']:7.3f} "
+                 f"{r['ece']:7.4f}" if "auroc" in r else "")
+        print(f"{model_name:20s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}" + extra)
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
               "seed": args.seed, "steps": steps, "val_dice_by_steps": val_dice, "flags": flags,
               "ddpm_flags": ddpm_flags,

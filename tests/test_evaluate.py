@@ -318,7 +318,7 @@ def test_evaluate_defaults_to_the_runs_own_test_split(tiny_run, tmp_path):
     assert metrics["images"] == 8 and metrics["data"] == {"data": None, "split": "test"}
     model, diffusion, config = load_checkpoint(tiny_run / "best_iou.pt")
     test = build_datasets(None, image_size=16, seed=config.seed, synthetic_sizes=(32, 8, 8))["test"]
-    direct = evaluate.evaluate(model, diffusion, test, tmp_path / "direct", steps=2)
+    direct = evaluate.evaluate(model, diffusion, test, tmp_path / "direct", steps=2, ensemble=5)
     assert metrics["metrics"]["dice"]["mean"] == direct["metrics"]["dice"]["mean"]
 
 
@@ -393,3 +393,19 @@ def test_expected_calibration_error_on_crafted_probabilities():
     # bins add up over batches, and 1.0 lands in the last bin
     counts, psum, ysum = calibration_bins(np.array([0.0, 1.0, 0.5]), np.array([0, 1, 1]), 4)
     assert counts.tolist() == [1, 0, 1, 1] and psum.tolist() == [0, 0, 0.5, 1]
+
+
+def test_no_sampler_flags_use_the_runs_choice(tiny_run, tmp_path):
+    """Without --steps and --ensemble: a K=5 ensemble with the DDIM step count the run chose
+    on its val split at the end of training (stored in the checkpoint)."""
+    state = torch.load(tiny_run / "best_iou.pt", weights_only=True)
+    dice = dict(map(tuple, state["sample_steps_dice"]))
+    assert state["sample_steps"] == min(dice, key=lambda s: (-dice[s], s))
+    metrics = evaluate.main(["--checkpoint", str(tiny_run / "best_iou.pt"),
+                             "--out", str(tmp_path / "e")])
+    assert metrics["settings"]["steps"] == state["sample_steps"]
+    assert metrics["settings"]["ensemble"] == 5
+    del state["sample_steps"]                            # a checkpoint from before the choice
+    torch.save(state, tmp_path / "old.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--ensemble", "1",
+                          "--out", str(tmp_path / "o")])["settings"]["steps"] == 25

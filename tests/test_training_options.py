@@ -1,0 +1,132 @@
+"""The training options the defaults were chosen among: self-conditioning, min-SNR-gamma
+loss weighting, logit-normal timestep density, the learning-rate schedule, and the choice
+of sampling steps at the end of a run."""
+import math
+
+import pytest
+import torch
+
+import main
+import train_utils
+from conftest import TINY_FLAGS
+from DDPM import Diffusion
+from train_utils import lr_factor, train
+from utils import TrainConfig, load_checkpoint
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in denoiser that records what it is fed and predicts a fixed x0."""
+
+    def __init__(self, value=0.5):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.value, self.inputs = value, []
+
+    def forward(self, x_in, t):
+        self.inputs.append(x_in.detach().clone())
+        return self.scale * torch.full_like(x_in[:, :1], self.value)
+
+
+def test_self_conditioning_feeds_the_previous_estimate_zeros_first():
+    diffusion = Diffusion(50, prediction="x0", self_condition=True)
+    model = Recorder(0.5)
+    image = torch.rand(2, 1, 8, 8)
+    diffusion.sample(model, image, steps=3, generator=torch.Generator().manual_seed(0))
+    first, second, third = model.inputs
+    assert first.shape == (2, 3, 8, 8)                  # noisy mask, previous x0, image
+    assert torch.equal(first[:, 1], torch.zeros(2, 8, 8))
+    assert torch.allclose(second[:, 1], torch.full((2, 8, 8), 0.5))
+    assert torch.allclose(third[:, 1], torch.full((2, 8, 8), 0.5))
+    assert torch.equal(first[:, 2:], image)
+    plain = Recorder()
+    Diffusion(50, prediction="x0").sample(plain, image, steps=2)
+    assert plain.inputs[0].shape == (2, 2, 8, 8)
+
+
+def test_self_conditioning_in_training_is_detached(monkeypatch):
+    """On a self-conditioned step the first pass runs without gradient and its clipped x0
+    is fed in; the loss's gradient comes from the second pass only."""
+    cfg = TrainConfig(image_size=8, self_condition=True, prediction="x0", timesteps=50)
+    diffusion = Diffusion(50, prediction="x0", self_condition=True)
+    model = Recorder(3.0)                                # x0 outside [-1, 1]: gets clipped
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    state = train_utils.TrainState(
+        model, model, diffusion, train_utils.EMA(model), optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"), None, False)
+    batch = (torch.rand(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float())
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(()) if a == ((),)
+                        else real_rand(*a, **k))        # the coin: always self-condition
+    train_utils.train_step(state, cfg, train_utils.Progress(), batch)
+    first, second = model.inputs
+    assert torch.equal(first[:, 1], torch.zeros(2, 8, 8))
+    assert torch.equal(second[:, 1], torch.ones(2, 8, 8))   # 3.0 clipped to 1
+    assert model.scale.grad is not None and torch.isfinite(model.scale.grad)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_min_snr_weights_at_known_snrs(prediction):
+    diffusion = Diffusion(1000, prediction=prediction, loss_weighting="min_snr",
+                          min_snr_gamma=5.0)
+    abar = diffusion.alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    low = int((snr < 1).nonzero()[0])                  # a step with SNR below 1
+    high = int((snr > 20).nonzero()[-1])               # and one above 20
+    t = torch.tensor([low, high])
+    clipped = snr[t].clamp(max=5.0)
+    expected = {"x0": clipped, "eps": clipped / snr[t], "v": clipped / (snr[t] + 1)}[prediction]
+    assert torch.allclose(diffusion.loss_weight(t).double(), expected, rtol=1e-5)
+    # the weight makes every prediction type's loss min(SNR, 5) x the x0 error
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    noise = torch.randn(2, 1, 4, 4)
+    x_t, _ = diffusion.noise_image(x0, t, noise)
+    target = diffusion.training_target(x0, noise, t)
+    wrong = target + 0.1 * torch.randn_like(target)
+    x0_hat, _ = diffusion.predict_x0_eps(x_t, t, wrong, clip=False)
+    x0_error = (x0_hat - x0).pow(2).flatten(1).mean(1).double()
+    out_error = (wrong - target).pow(2).flatten(1).mean(1).double()
+    assert torch.allclose(diffusion.loss_weight(t).double() * out_error, clipped * x0_error,
+                          rtol=1e-3)
+    assert torch.equal(Diffusion(1000, prediction=prediction).loss_weight(t), torch.ones(2))
+
+
+def test_logit_normal_timesteps_are_integers_in_range_and_favour_the_middle():
+    diffusion = Diffusion(1000, timestep_sampling="logit_normal")
+    t = diffusion.sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    middle = ((t >= 250) & (t < 750)).float().mean()
+    assert 0.7 < middle < 0.8                          # P(|u| < logit(0.75) = 1.0986) = 0.727
+    assert abs(t.float().median() - 500) < 15
+    uniform = Diffusion(1000).sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    assert 0.47 < ((uniform >= 250) & (uniform < 750)).float().mean() < 0.53
+
+
+def test_lr_schedules():
+    const = TrainConfig(warmup_steps=10)
+    assert lr_factor(const, 0) == pytest.approx(0.1) and lr_factor(const, 500) == 1.0
+    cos = TrainConfig(warmup_steps=10, lr_schedule="cosine", max_steps=110)
+    assert lr_factor(cos, 9) == 1.0 and lr_factor(cos, 10) == 1.0
+    assert lr_factor(cos, 60) == pytest.approx(0.5) and lr_factor(cos, 110) == pytest.approx(0)
+    with pytest.raises(ValueError, match="max-steps"):
+        TrainConfig(lr_schedule="cosine")
+
+
+def test_options_train_and_reload(tmp_path):
+    """Each option through train(): self-conditioning changes the network's input and is
+    rebuilt by load_checkpoint; the run ends by choosing its sampling steps on val."""
+    cfg, _ = main.parse_args(TINY_FLAGS + ["--epochs", "1", "--self-condition",
+                                           "--timestep-sampling", "logit_normal",
+                                           "--loss-weighting", "min_snr",
+                                           "--out", str(tmp_path / "run")])
+    result = train(cfg)
+    assert result.progress.sample_steps in (1, 2, 5, 10, 25)
+    dice = dict(map(tuple, result.progress.sample_steps_dice))
+    assert sorted(dice) == [1, 2, 5, 10, 25]
+    assert dice[result.progress.sample_steps] == max(dice.values())
+    state = torch.load(tmp_path / "run" / "best_iou.pt", weights_only=True)
+    assert state["sample_steps"] == result.progress.sample_steps
+    model, diffusion, config = load_checkpoint(tmp_path / "run" / "best_iou.pt")
+    assert diffusion.self_condition and config.loss_weighting == "min_snr"
+    assert model.in_channels == 3
+    assert diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2).shape == (2, 1, 16, 16)
