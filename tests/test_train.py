@@ -292,7 +292,8 @@ def test_resume_inside_an_epoch_after_time_stop(tmp_path, monkeypatch):
     # the budget runs out at the 10th check: one before each step and one at each epoch's
     # end, so before step 9, the third batch of epoch 2
     checks = iter(range(10 ** 6))
-    monkeypatch.setattr(train_utils, "deadline", lambda minutes: lambda: next(checks) >= 9)
+    monkeypatch.setattr(train_utils, "deadline",
+                        lambda minutes: lambda reserve=0.0: next(checks) >= 9)
     part, _ = main.parse_args(flags + ["--epochs", "2", "--max-minutes", "0.5",
                                        "--out", str(tmp_path / "part")])
     train(part)
