@@ -1,0 +1,67 @@
+"""Why an ensemble's uncertainty does (not) predict its errors, on one checkpoint.
+
+    python benchmarks/diagnose_uncertainty.py --checkpoint RUN/best_iou.pt --split val
+
+Samples a K-sample ensemble (DDIM, eta 0) for every image of the split the run held back,
+as evaluate.py does, and prints, over all pixels: the share of wrongly segmented pixels on
+which the K thresholded samples disagree at all (and of the right ones); the pixel-error
+AUROC of the entropy of the mean probability (evaluate.py's measure), of that entropy
+rounded to 1e-4, 1e-3 and 1e-2 bits (so near-certain pixels tie instead of being ranked
+by float noise), of the entropy of the vote fraction, and of the per-pixel variance. Writes
+nothing.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset import load_split  # noqa: E402
+from evaluate import predict  # noqa: E402
+from utils import auroc, load_checkpoint  # noqa: E402
+
+
+def binary_entropy(p):
+    p = np.clip(p, 0, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log2(p), 0) + np.where(p < 1, (1 - p) * np.log2(1 - p), 0))
+    return np.nan_to_num(h)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", default=None, help="default: the run's own data")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ensemble", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model, diffusion, cfg = load_checkpoint(args.checkpoint)
+    data = load_split(args.data or cfg.data, args.split, image_size=cfg.image_size,
+                      channels=cfg.channels, val_fraction=cfg.val_fraction,
+                      test_fraction=cfg.test_fraction, seed=cfg.seed)
+    images, masks = map(torch.stack, zip(*[data[i] for i in range(len(data))]))
+    fused, samples, unc = predict(model, diffusion, images, args.steps, ensemble=args.ensemble,
+                                  generator=torch.Generator().manual_seed(args.seed))
+    wrong = ((fused > 0.5) != (masks > 0.5)).numpy().ravel()
+    entropy = unc["entropy"].numpy().ravel()
+    votes = (samples > 0.5).float().mean(1).numpy().ravel()
+    disagree = (votes > 0) & (votes < 1)
+    print(f"{len(data)} images, {wrong.mean():.2%} of pixels wrong; samples disagree on "
+          f"{disagree[wrong].mean():.1%} of the wrong pixels and {disagree[~wrong].mean():.2%} "
+          f"of the right ones")
+    print(f"pixel-error AUROC: entropy {auroc(entropy, wrong):.3f}; "
+          + "; ".join(f"rounded to {r:g} bits {auroc(np.round(entropy / r) * r, wrong):.3f}"
+                      for r in (1e-4, 1e-3, 1e-2))
+          + f"; vote entropy {auroc(binary_entropy(votes), wrong):.3f}; "
+          f"variance {auroc(unc['variance'].numpy().ravel(), wrong):.3f}")
+
+
+if __name__ == "__main__":
+    main()
