@@ -179,11 +179,23 @@ class Diffusion:
         self.posterior_mean_coef1 = f32(posterior_mean_coef1)
         self.posterior_mean_coef2 = f32(posterior_mean_coef2)
         self._abar = self.alphas_cumprod.tolist()   # the float32 table as Python floats, for DDIM
+        self.loss_weights = f32(self._loss_weights(alphas_cumprod))
+
+    def _loss_weights(self, alphas_cumprod):
+        """The loss_weight table, float64, shape (T,)."""
+        if self.loss_weighting == "none":
+            return torch.ones_like(alphas_cumprod)
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        weight = {"x0": clipped, "eps": clipped / snr,
+                  "v": clipped / (snr + 1)}[self.prediction]   # |v error|^2 = (1 + SNR) |x0 error|^2
+        return weight / weight.mean()
 
     TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
               "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
               "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-              "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+              "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+              "loss_weights")
 
     def to(self, device):
         """Keep the schedule tables on `device`, so gathering them never copies host to GPU
@@ -202,8 +214,9 @@ class Diffusion:
     def sample_timesteps(self, n, device=None, generator=None):
         """n training timesteps, a long tensor of shape (n,) with values in 0..T-1: uniform,
         or with timestep_sampling="logit_normal" t = floor(T sigmoid(u)), u ~ N(0, 1)
-        (Esser et al. 2024, eq. 19), which trains the middle noise levels more often and
-        the nearly clean and nearly pure-noise ends less."""
+        (Esser et al. 2024, eq. 19), which trains the middle timestep indices more often and
+        both ends less (with a large schedule shift, the middle indices are already very
+        noisy)."""
         gen_device = generator.device if generator is not None else device
         if self.timestep_sampling == "uniform":
             t = torch.randint(0, self.num_timesteps, (n,), generator=generator,
@@ -215,21 +228,12 @@ class Diffusion:
 
     def loss_weight(self, t):
         """Per-example weight of the regression loss at timesteps t, shape (B,): 1, or
-        min-SNR-gamma (Hang et al. 2023, eq. 9 and its variants): the weight that makes the
-        loss on any prediction type equal min(SNR, gamma) times the error of x0, so the
-        nearly clean steps (high SNR), which are easy, stop dominating the gradient."""
-        if self.loss_weighting == "none":
-            return torch.ones(t.shape[0], device=t.device)
-        abar = self.alphas_cumprod.to(t.device)[t].double()
-        snr = abar / (1 - abar)
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        if self.prediction == "x0":
-            weight = clipped
-        elif self.prediction == "eps":
-            weight = clipped / snr
-        else:   # v: |v error|^2 = (1 + SNR) |x0 error|^2
-            weight = clipped / (snr + 1)
-        return weight.float()
+        min-SNR-gamma (Hang et al. 2023, eq. 9 and its variants for eps and v): the weight
+        that makes the loss on any prediction type min(SNR, gamma) times the error of x0, so
+        the nearly clean steps, which are easy, stop dominating the gradient. Normalised to
+        mean 1 over the T timesteps, so a schedule shift (which moves every SNR) changes the
+        balance between timesteps, not the loss's scale against the other terms."""
+        return self.loss_weights.to(t.device)[t]
 
     def noise_image(self, x0, t, noise=None):
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I), Ho eq. 4.
@@ -369,7 +373,7 @@ class Diffusion:
         """Generate masks for a batch of images: probabilities in [0, 1], shape (B, K, H, W)
         with K = num_samples masks per image (so (B, 1, H, W) for a single sample).
 
-        model: the noise model, called as model(cat([x_t, image], 1), t); its device and
+        model: the noise model, called as model(self.model_input(x_t, image), t); its device and
         dtype decide where sampling runs. image: (B, C, H, W). No process group is needed.
         The K samples of every image are drawn in one batched pass of B*K, split into
         chunks of at most `max_batch` when memory is short. noise: the starting x_T of

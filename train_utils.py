@@ -8,6 +8,7 @@ above it: set-up (`check_run`, `build_loaders`, `resolve_run_length`, `build_sta
 """
 import copy
 import csv
+import dataclasses
 import itertools
 import math
 import os
@@ -508,7 +509,8 @@ class TrainState:
     dtype: Optional[torch.dtype]        # autocast dtype; None = fp32
     channels_last: bool
     nonfinite_streak: int = 0           # skipped steps in a row
-    choice_seconds: float = 0.0         # the estimated cost of choose_sample_steps
+    end_seconds: float = 0.0            # the estimated cost of ending the run (see
+                                        # validate_and_save), kept out of the budget
     last_eval_step: int = -1            # the step of the last validation (and save), so a
                                         # stop right after one does not repeat it
 
@@ -538,6 +540,8 @@ def check_run(cfg, resume_from):
 def build_loaders(cfg, device):
     """(datasets, train loader, val loader) for this rank; val is sharded by index."""
     rank, world = get_rank(), get_world_size()
+    if "batch_size" in cfg.auto_fields and cfg.batch_size % world:   # the rule's batch
+        cfg.batch_size += world - cfg.batch_size % world              # fits every process
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must divide "
                          f"by the {world} processes; try {cfg.batch_size - cfg.batch_size % world or world}")
@@ -626,6 +630,7 @@ def restore(state, cfg, path):
     progress, rngs = restore_checkpoint(path, cfg, state.raw_model, state.ema, state.optimizer,
                                         state.scheduler, state.scaler, state.adversary)
     progress.stopped_early = progress.stopped_by_time = False
+    progress.sample_steps = progress.sample_steps_dice = None   # chosen again at the end
     if progress.batch and len(rngs) != world:
         print0(f"resume: the run stopped inside epoch {progress.epoch + 1} with "
                f"{len(rngs)} processes, now {world}; the shards differ, so that epoch "
@@ -684,7 +689,10 @@ def train_step(state, cfg, progress, batch):
     t = diffusion.sample_timesteps(x0.shape[0], device=s.device)
     x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
     x0_prev = None
-    if diffusion.self_condition and torch.rand(()) < 0.5:    # half the steps, as Chen et al.
+    # self-conditioning on half the steps (Chen et al.), the coin the same on every rank, so
+    # all run the extra pass through the (DDP) model together
+    coin = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
+    if diffusion.self_condition and torch.rand((), generator=coin) < 0.5:
         with torch.no_grad(), autocast(s.device, s.dtype):
             first = s.model(diffusion.model_input(x_t, image), t)
         x0_prev, _ = diffusion.predict_x0_eps(x_t, t, first.float())  # detached, clipped
@@ -748,9 +756,7 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     tick = time.time()
     val_mse, val_iou, _, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
                                         state.device, state.dtype)
-    # what choosing the sampling steps at the end will cost: the budget keeps it in reserve
-    state.choice_seconds = ((time.time() - tick) * sum(SAMPLE_STEP_CANDIDATES)
-                            / max(cfg.eval_steps, 1))
+    seconds = time.time() - tick
     saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
     progress.stopped_early = progress.out_of_patience(cfg)
     print0(f"step {progress.step} (epoch {epoch + 1}): val_mse {val_mse:.4f}  "
@@ -765,45 +771,69 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     progress.wall_seconds = now - run_start
     save_run(state, cfg, progress, ["last.pt", *saves, f"samples_step{progress.step:07d}.png"],
              vis)
+    # What the end of the run will cost, kept in reserve by the --max-minutes budget: a last
+    # validation and save like this one, and the choice of sampling steps, which runs
+    # 1 + s forward passes per val image for each candidate s where validation ran
+    # 1 + eval_steps.
+    choice = seconds * sum(1 + s for s in sample_step_candidates(state.diffusion)) / (
+        1 + cfg.eval_steps)
+    state.end_seconds = (time.time() - tick) + choice
     return vis
 
 
 SAMPLE_STEP_CANDIDATES = (1, 2, 5, 10, 25)
 
 
-def choose_sample_steps(state, cfg, progress, val_loader):
-    """At the end of a run: the DDIM step count that gives best_iou.pt's EMA weights their
-    best one-sample val Dice (ties to fewer steps), stored as `sample_steps` (with the Dice of
-    every candidate) in best_iou.pt and last.pt; evaluate.py samples with it when given no
-    --steps. Its cost is held in reserve by the --max-minutes budget."""
-    best_path = Path(cfg.out) / "best_iou.pt"
-    if not best_path.is_file():
-        return
-    tick = time.time()
-    model = copy.deepcopy(state.ema.model)
-    model.load_state_dict(read_checkpoint(best_path)["ema"])
-    candidates = [s for s in SAMPLE_STEP_CANDIDATES if s <= state.diffusion.num_timesteps]
-    dice = {steps: validate(model, state.diffusion, val_loader, cfg, state.device, state.dtype,
-                            steps)[2] for steps in candidates}
-    progress.sample_steps = min(dice, key=lambda steps: (-dice[steps], steps))
-    progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
-    progress.val_seconds += time.time() - tick
-    print0("sampling steps by val Dice of best_iou.pt (one sample): "
-           + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
-           + f"; evaluate.py will use {progress.sample_steps}")
+def sample_step_candidates(diffusion):
+    return [s for s in SAMPLE_STEP_CANDIDATES if s <= diffusion.num_timesteps]
+
+
+def finish_run(state, cfg, progress, val_loader, run_start):
+    """The end of every run: choose the DDIM step count that gives best_iou.pt's EMA weights
+    their best one-sample val Dice (ties to fewer steps), store it as `sample_steps` (with
+    the Dice of every candidate) in best_iou.pt, store the final Progress (wall time,
+    validation share, why it stopped) in last.pt, and say so. evaluate.py samples with
+    `sample_steps` when given no --steps; its cost is held in reserve by --max-minutes."""
+    out = Path(cfg.out)
+    if (out / "best_iou.pt").is_file():
+        tick = time.time()
+        model = copy.deepcopy(state.ema.model)
+        failed = 0.0
+        try:   # every rank reads it: a rank that cannot must not leave the others waiting
+            model.load_state_dict(read_checkpoint(out / "best_iou.pt")["ema"])
+        except Exception as e:  # noqa: BLE001 - reported below, on every rank
+            failed, error = 1.0, e
+        if all_reduce_sums([failed], state.device)[0] > 0:
+            raise RunFolderError(f"could not read {out / 'best_iou.pt'} back to choose the "
+                                 f"sampling steps: {error if failed else 'on another rank'}")
+        dice = {steps: validate(model, state.diffusion, val_loader, cfg, state.device,
+                                state.dtype, steps)[2]
+                for steps in sample_step_candidates(state.diffusion)}
+        progress.sample_steps = min(dice, key=lambda steps: (-dice[steps], steps))
+        progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
+        progress.val_seconds += time.time() - tick
+        print0("sampling steps by val Dice of best_iou.pt (one sample): "
+               + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
+               + f"; evaluate.py will use {progress.sample_steps}")
+    progress.wall_seconds = time.time() - run_start
     failure = None
     if is_main():
         try:
-            for name in ("best_iou.pt", "last.pt"):
-                stored = read_checkpoint(Path(cfg.out) / name)
-                stored.update(sample_steps=progress.sample_steps,
-                              sample_steps_dice=progress.sample_steps_dice)
-                save_checkpoint(stored, Path(cfg.out) / name)
+            updates = {"best_iou.pt": {"sample_steps": progress.sample_steps,
+                                       "sample_steps_dice": progress.sample_steps_dice},
+                       "last.pt": dataclasses.asdict(progress)}
+            for name, update in updates.items():
+                if (out / name).is_file():
+                    stored = read_checkpoint(out / name)
+                    stored.update(update)
+                    save_checkpoint(stored, out / name)
         except Exception as e:  # any failure: the other ranks must hear of it
             failure = e
     if all_reduce_sums([float(failure is not None)], state.device)[0] > 0:
-        raise RunFolderError(f"could not write the sampling steps to {cfg.out}: "
+        raise RunFolderError(f"could not write the run's end to {out}: "
                              f"{failure or 'rank 0 failed to save'}")
+    print0(f"validation took {progress.val_seconds / max(progress.wall_seconds, 1e-9):.0%} of "
+           f"the run's {progress.wall_seconds / 60:.1f} minutes")
 
 
 def save_run(state, cfg, progress, names, vis):
@@ -861,6 +891,7 @@ def train(cfg, resume_from=None, device=None):
     run_start = time.time() - progress.wall_seconds   # less the segments before a resume
     epochs = range(progress.epoch, cfg.epochs) if cfg.epochs else itertools.count(progress.epoch)
     vis = None
+    capped = lambda: 0 < cfg.max_steps <= progress.step  # noqa: E731
     for epoch in epochs:
         state.model.train()
         batches, done = epoch_batches(state, cfg, progress, train_loader, epoch, rng)
@@ -868,11 +899,11 @@ def train(cfg, resume_from=None, device=None):
         bar = tqdm(total=len(train_loader), initial=done, disable=not is_main(), leave=False,
                    desc=f"epoch {epoch + 1}", dynamic_ncols=True)
         log.restart_clock()
-        stopped = finished = False
+        stopped, finished = False, capped()   # a resume may start at its cap
         while done < len(train_loader) and not finished:
             # before fetching, so a resume fetches the same batch; the end's choice of
             # sampling steps is kept inside the budget
-            if stop.poll(out_of_time(state.choice_seconds)):
+            if stop.poll(out_of_time(state.end_seconds)):
                 stopped = True
                 break
             batch = next(batches)
@@ -887,7 +918,7 @@ def train(cfg, resume_from=None, device=None):
                 loss, speed = log.write_losses(epoch + 1, progress.step, lr,
                                                time.time() - run_start)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            finished = progress.step == cfg.max_steps
+            finished = capped()
             if progress.step % cfg.val_every == 0 or finished:
                 progress.set_position(epoch, done, len(train_loader))
                 vis = validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start)
@@ -895,21 +926,18 @@ def train(cfg, resume_from=None, device=None):
                 log.restart_clock()
         bar.close()
 
-        stopped = stop.settle(stopped or out_of_time(state.choice_seconds))  # all agree
+        stopped = stop.settle(stopped or out_of_time(state.end_seconds))  # all ranks agree
         progress.set_position(epoch, done, len(train_loader))
         progress.stopped_by_time = stopped
         if stopped or finished or epoch + 1 == cfg.epochs:
             if state.last_eval_step != progress.step:   # a last validation and save
                 vis = validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start)
-            progress.wall_seconds = time.time() - run_start
             print0(f"stopped at step {progress.step}, epoch {epoch + 1}: "
                    + ("time budget reached" if stopped else
                       f"val IoU has not improved for {cfg.patience} steps"
-                      if progress.stopped_early else "step or epoch cap reached")
-                   + f"; validation took {progress.val_seconds / max(progress.wall_seconds, 1e-9):.0%}"
-                   f" of {progress.wall_seconds / 60:.1f} minutes")
+                      if progress.stopped_early else "step or epoch cap reached"))
             break
 
-    choose_sample_steps(state, cfg, progress, val_loader)
+    finish_run(state, cfg, progress, val_loader, run_start)
     images, contours, samples = vis if vis is not None else (None, None, None)
     return TrainResult(state.ema.model, samples, contours, images, progress)

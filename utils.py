@@ -59,9 +59,9 @@ class TrainConfig:
     image_size: int = _opt(64, "images and masks are resized to this square size")
     channels: int = _opt(1, "image channels the model sees: 1 grey, 3 RGB")
     augment: bool = _opt(True, "flips, small affine and intensity jitter on training images")
-    val_fraction: float = _opt(-1.0, "fraction of train held back as val when the data has no "
-                                     "val split; -1 = the rule: 10%%, at least min(20 images, "
-                                     "20%%)")
+    val_fraction: float = _opt(-1.0, "fraction held back as val when the data has no val "
+                                     "split (of train; of all pairs for a flat folder); -1 = "
+                                     "the rule: 10%%, at least min(20 images, 20%%)")
     num_workers: int = _opt(-1, "data loader workers per process; -1 picks a default")
     synthetic_train: int = _opt(1000, "training images of the synthetic set")
     synthetic_val: int = _opt(100, "validation images of the synthetic set")
@@ -127,8 +127,9 @@ class TrainConfig:
     min_steps: int = _opt(0, "no early stop before this many optimiser steps; 0 = the rule")
     min_delta: float = _opt(1e-3, "smallest val IoU gain that restarts the patience count "
                                   "(best_iou.pt follows any gain)")
-    max_minutes: float = _opt(-1.0, "wall-clock budget from the start of training; 0 = none; "
-                                    "-1 = 8 for the synthetic demo, none with --data")
+    max_minutes: float = _opt(-1.0, "wall-clock budget of this process's training (a resume "
+                                    "gets it again); 0 = none; -1 = 8 for the synthetic "
+                                    "demo, none with --data")
     num_vis: int = _opt(4, "validation images in each sample picture")
     # run
     seed: int = _opt(0, "random seed")
@@ -156,10 +157,19 @@ class TrainConfig:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
-        auto = [k for k, v in size_defaults(self.image_size).items() if not getattr(self, k)]
+        rules = size_defaults(self.image_size)
+        auto = [k for k in rules if not getattr(self, k)]
         for k in auto:
-            setattr(self, k, size_defaults(self.image_size)[k])
+            setattr(self, k, rules[k])
+        if not self.eval_steps:   # follows the shift actually used, given or by rule
+            self.eval_steps = validation_steps(self.schedule_shift)
+            auto.append("eval_steps")
         self.auto_fields = tuple(sorted({*self.auto_fields, *auto}))
+        if not (self.val_fraction == -1 or 0 <= self.val_fraction < 1):
+            raise ValueError(f"val_fraction must be in [0, 1), or -1 for the rule; "
+                             f"got {self.val_fraction}")
+        if not 0 <= self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if not (math.isfinite(self.schedule_shift) and self.schedule_shift > 0):
             raise ValueError(f"schedule_shift must be a finite number > 0, got {self.schedule_shift}")
         if self.lr_schedule == "cosine" and self.max_steps <= 0:
@@ -177,7 +187,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """The config a checkpoint stored; older ones are read as what they meant."""
+        """The config a checkpoint stored. Keys older checkpoints lack take the value they
+        had then (LATER_MODEL_KEYS); a patience counted in validations (before step
+        budgets) cannot be converted and becomes the step rule."""
         d = {**LATER_MODEL_KEYS, **d}
         if "eval_every" in d:   # before step budgets: patience counted validations
             d = {k: v for k, v in d.items() if k not in ("eval_every", "save_every")}
@@ -195,29 +207,36 @@ class TrainConfig:
 
 # --------------------------------------------------------- defaults that follow the data
 SIZE_RULES = """batch_size: 16 x 64 / image_size, within 4..16 (the same pixels per step);
-schedule_shift: (image_size / 16)^2, so 16 at 64 px, 64 at 128 px, 256 at 256 px;
-eval_steps: 1 DDIM step for validation when the shift is >= 16, else 10"""
+schedule_shift: (image_size / 16)^2, so 16 at 64 px, 64 at 128 px (both measured best
+among the shifts tried), 256 at 256 px (not measured);
+eval_steps: 1 DDIM step for validation when the shift (given or by rule) is >= 16, else 10"""
 
 
 def size_defaults(image_size):
     """The settings that follow the image size (SIZE_RULES), for a config that leaves them
-    at 0. Chosen by measurement: benchmarks/RESULTS.md, "Defaults by image size"."""
-    shift = (image_size / 16) ** 2
+    at 0. The batch shrinks as images grow, so a step's cost grows only linearly with the
+    side. Chosen by measurement: benchmarks/RESULTS.md, "Defaults by image size"."""
     return {"batch_size": int(min(16, max(4, 16 * 64 // image_size))),
-            "schedule_shift": float(max(1.0, shift)),
-            "eval_steps": 1 if shift >= 16 else 10}
+            "schedule_shift": float(max(1.0, (image_size / 16) ** 2))}
+
+
+def validation_steps(schedule_shift):
+    """DDIM steps for validation IoU: with a large shift one step scores as well as more
+    (RESULTS.md, "Sampling steps with a large shift"), and costs a tenth."""
+    return 1 if schedule_shift >= 16 else 10
 
 
 def run_length_defaults(cfg, num_val):
     """Validation cadence and early stopping in optimiser steps, for the fields left at 0:
-      val_every  max(100, 7 x val images x eval_steps / batch): a validation samples every
-                 val image eval_steps times, about 1/3 of a training image's cost each, so
-                 this keeps validation near 5% of the steps' time however large the val set;
+      val_every  max(100, 7 x val images x (1 + eval_steps) / batch): a validation runs
+                 1 + eval_steps forward passes per val image, a training step about 3 per
+                 image, so this keeps validation near 1/21 (5%) of the steps' time however
+                 large the val set;
       patience   10 validations' worth of steps (at least 1000);
-      min_steps  no early stop before 10 x the warm-up and 1000 steps.
+      min_steps  no early stop before max(1000, 10 x the warm-up) steps.
     Counting steps, not epochs, makes these mean the same for 20 images and 20,000
     (nnU-Net fixes its "epoch" at 250 iterations for the same reason)."""
-    val_every = cfg.val_every or max(100, math.ceil(7 * num_val * cfg.eval_steps
+    val_every = cfg.val_every or max(100, math.ceil(7 * num_val * (1 + cfg.eval_steps)
                                                     / cfg.batch_size))
     return {"val_every": val_every,
             "patience": cfg.patience or max(1000, 10 * val_every),
@@ -291,6 +310,7 @@ class Progress:
             self.patience_iou, self.patience_step = val_iou, self.step
         if val_iou > self.best_iou:
             self.best_iou = val_iou
+            self.sample_steps = self.sample_steps_dice = None   # chosen for other weights
             saves.append("best_iou.pt")
         if val_mse < self.best_mse:
             self.best_mse = val_mse
@@ -727,6 +747,8 @@ def calibration_bins(probs, labels, num_bins=15):
     each an array of length num_bins. Sums of these over batches are the whole set's."""
     p = np.asarray(probs, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=bool).ravel()
+    keep = np.isfinite(p)                      # a NaN probability belongs to no bin
+    p, y = p[keep], y[keep]
     index = np.digitize(p, np.linspace(0, 1, num_bins + 1)[1:-1])   # 0 .. num_bins - 1
     return (np.bincount(index, minlength=num_bins).astype(np.float64),
             np.bincount(index, weights=p, minlength=num_bins),
@@ -734,7 +756,8 @@ def calibration_bins(probs, labels, num_bins=15):
 
 
 def expected_calibration_error(counts, prob_sums, label_sums):
-    """ECE (Naeini et al. 2015; Guo et al. 2017) from `calibration_bins`: the pixel-weighted
+    """Expected calibration error of the foreground probability (class-wise ECE, Kull et
+    al. 2019; the binning of Naeini et al. 2015) from `calibration_bins`: the pixel-weighted
     mean over bins of |observed foreground frequency - mean predicted probability|, i.e.
     sum_b (n_b / N) |mean label_b - mean prob_b|. 0 for a calibrated predictor."""
     total = counts.sum()

@@ -20,9 +20,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset import load_split  # noqa: E402
-from evaluate import predict  # noqa: E402
+from evaluate import build_parser as evaluate_parser  # noqa: E402
+from evaluate import predict, scored_dataset  # noqa: E402
 from utils import auroc, load_checkpoint  # noqa: E402
+
+
+def evaluate_args(checkpoint, data, split):
+    """evaluate.py's arguments for reading a split as the run did."""
+    return evaluate_parser().parse_args(["--checkpoint", str(checkpoint), "--split", split]
+                                        + (["--data", data] if data else []))
 
 
 def binary_entropy(p):
@@ -43,9 +49,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model, diffusion, cfg = load_checkpoint(args.checkpoint)
-    data = load_split(args.data or cfg.data, args.split, image_size=cfg.image_size,
-                      channels=cfg.channels, val_fraction=cfg.val_fraction,
-                      test_fraction=cfg.test_fraction, seed=cfg.seed)
+    data = scored_dataset(cfg, evaluate_args(args.checkpoint, args.data, args.split))
     images, masks = map(torch.stack, zip(*[data[i] for i in range(len(data))]))
     fused, samples, unc = predict(model, diffusion, images, args.steps, ensemble=args.ensemble,
                                   generator=torch.Generator().manual_seed(args.seed))

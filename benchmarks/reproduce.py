@@ -15,9 +15,9 @@ Run it alone on the machine: the parts are bounded by wall-clock minutes. On the
 
 Every DDPM-v2 run uses the defaults (no tuning flag), and is scored as evaluate.py scores
 it with no sampler flags: one sample and a K=5 ensemble with the DDIM steps the run chose.
-Each run also reports the share of its wall time validation took. Writes
-benchmarks/reproduced-<commit>.json (and the runs under trained_models/reproduce/) and
-prints a markdown table to paste into benchmarks/RESULTS.md.
+Each run also reports the share of its wall time validation took. Writes the runs and
+reproduced-<commit>.json under --out (trained_models/reproduce/) and prints a markdown
+table to paste into benchmarks/RESULTS.md.
 """
 import argparse
 import json
@@ -83,7 +83,7 @@ def main():
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report = {"commit": commit(), "date": time.strftime("%Y-%m-%d"), "parts": {}}
-    path = ROOT / "benchmarks" / f"reproduced-{report['commit']}.json"
+    path = out / f"reproduced-{report['commit']}.json"
     for part in args.parts:
         if part == "lung":
             report["parts"][part] = {f"seed{s}": quality(str(DATA / "lung-ct-64"), 64, 10, s,

@@ -16,8 +16,7 @@ from utils import TrainConfig, run_length_defaults, size_defaults
     (32, 16, 4.0, 10), (64, 16, 16.0, 1), (128, 8, 64.0, 1), (256, 4, 256.0, 1),
     (512, 4, 1024.0, 1), (16, 16, 1.0, 10)])
 def test_size_rule_table(size, batch, shift, eval_steps):
-    assert size_defaults(size) == {"batch_size": batch, "schedule_shift": shift,
-                                   "eval_steps": eval_steps}
+    assert size_defaults(size) == {"batch_size": batch, "schedule_shift": shift}
     cfg = TrainConfig(image_size=size)
     assert (cfg.batch_size, cfg.schedule_shift, cfg.eval_steps) == (batch, shift, eval_steps)
     assert set(cfg.auto_fields) == {"batch_size", "schedule_shift", "eval_steps"}
@@ -26,8 +25,10 @@ def test_size_rule_table(size, batch, shift, eval_steps):
 def test_an_explicit_flag_wins_over_the_rule():
     cfg, explicit = main.parse_args(["--image-size", "128", "--batch-size", "16",
                                      "--schedule-shift", "1"])
-    assert cfg.batch_size == 16 and cfg.schedule_shift == 1.0 and cfg.eval_steps == 1
+    # validation steps follow the shift actually used: 10 for the published schedule
+    assert cfg.batch_size == 16 and cfg.schedule_shift == 1.0 and cfg.eval_steps == 10
     assert cfg.auto_fields == ("eval_steps",)
+    assert TrainConfig(image_size=32, schedule_shift=16).eval_steps == 1
     # stored and read back: the resolved values, not the rule, so a later rule cannot
     # change what a checkpoint means
     again = TrainConfig.from_dict(cfg.to_dict())
@@ -39,8 +40,9 @@ def test_run_length_rule():
     assert run_length_defaults(cfg, num_val=20) == {"val_every": 100, "patience": 1000,
                                                     "min_steps": 1000}
     big = TrainConfig(image_size=64, eval_steps=10)
-    # 7 x 2000 images x 10 steps / 16 = 8750 steps between validations: about 5% of the time
-    assert run_length_defaults(big, num_val=2000) == {"val_every": 8750, "patience": 87500,
+    # 7 x 2000 images x (1 + 10) passes / 16 = 9625 steps between validations: validation's
+    # 2000 x 11 passes against 9625 steps x 16 images x 3 passes, 1/21 of the time
+    assert run_length_defaults(big, num_val=2000) == {"val_every": 9625, "patience": 96250,
                                                       "min_steps": 1000}
     fixed = TrainConfig(val_every=50, patience=300, min_steps=7)
     assert run_length_defaults(fixed, num_val=20) == {"val_every": 50, "patience": 300,

@@ -74,9 +74,12 @@ def test_min_snr_weights_at_known_snrs(prediction):
     low = int((snr < 1).nonzero()[0])                  # a step with SNR below 1
     high = int((snr > 20).nonzero()[-1])               # and one above 20
     t = torch.tensor([low, high])
-    clipped = snr[t].clamp(max=5.0)
-    expected = {"x0": clipped, "eps": clipped / snr[t], "v": clipped / (snr[t] + 1)}[prediction]
-    assert torch.allclose(diffusion.loss_weight(t).double(), expected, rtol=1e-5)
+    raw = {"x0": lambda s: s.clamp(max=5.0), "eps": lambda s: s.clamp(max=5.0) / s,
+           "v": lambda s: s.clamp(max=5.0) / (s + 1)}[prediction]
+    norm = raw(snr).mean()                             # weights have mean 1 over all T
+    clipped = snr[t].clamp(max=5.0) / norm
+    assert torch.allclose(diffusion.loss_weight(t).double(), raw(snr[t]) / norm, rtol=1e-5)
+    assert diffusion.loss_weights.double().mean() == pytest.approx(1.0, rel=1e-5)
     # the weight makes every prediction type's loss min(SNR, 5) x the x0 error
     x0 = torch.rand(2, 1, 4, 4) * 2 - 1
     noise = torch.randn(2, 1, 4, 4)
