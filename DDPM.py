@@ -6,9 +6,11 @@ Read beside
   Song et al. 2021, "Denoising Diffusion Implicit Models"          (eq. 12, strided sampling)
   Salimans & Ho 2022, "Progressive Distillation"                   (v-prediction)
 
-Masks live in diffusion space [-1, 1]: x0 = 2 * mask - 1. The model sees the noisy mask
-concatenated with the conditioning image, `model(model_input(x_t, image), t)`, with `t`
-the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v.
+Masks live in diffusion space [-1, 1]: a binary mask as one channel, x0 = 2 * mask - 1; a
+label map of K > 2 classes as K one-hot channels or ceil(log2 K) analog bits (Chen et al.
+2022), each 2 * bit - 1 (`encode_labels`, and `class_probabilities` back). The model sees
+the noisy mask concatenated with the conditioning image, `model(model_input(x_t, image),
+t)`, with `t` the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v.
 
 This file imports no other file of the project: a notebook that only samples needs it and
 `model.py`, not the trainer.
@@ -22,6 +24,7 @@ PREDICTION_TYPES = ("eps", "x0", "v")
 SCHEDULES = ("cosine", "linear")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+REPRESENTATIONS = ("onehot", "bits")
 
 
 # ------------------------------------------------------------------ noise schedules
@@ -86,6 +89,74 @@ def model_input(x_t, image, x0_prev=None):
     return torch.cat([*parts, image.to(x_t.dtype)], dim=1)
 
 
+# ------------------------------------------------------------------ masks of K classes
+def mask_channels(num_classes=2, representation="onehot"):
+    """Channels a mask of `num_classes` classes (background included) takes in diffusion
+    space: 1 for a binary mask (K=2, whatever the representation), K one-hot channels, or
+    ceil(log2 K) analog bits."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
+    if num_classes == 2:
+        return 1
+    return num_classes if representation == "onehot" else math.ceil(math.log2(num_classes))
+
+
+def bit_codes(num_classes, device=None):
+    """(K, ceil(log2 K)) float {0, 1}: the binary code of each class index, bit 0 first."""
+    bits = math.ceil(math.log2(num_classes))
+    k = torch.arange(num_classes, device=device)
+    return ((k[:, None] >> torch.arange(bits, device=device)) & 1).float()
+
+
+def encode_labels(labels, num_classes=2, representation="onehot"):
+    """Label map (B, 1, H, W), values 0..K-1 (any dtype) -> x0 in {-1, 1}, (B, M, H, W) with
+    M = mask_channels(K, representation). K=2: today's 2 * mask - 1."""
+    m = mask_channels(num_classes, representation)
+    labels = labels.round().long()[:, 0]                                  # (B, H, W)
+    if num_classes == 2:
+        bits = labels[:, None].float()
+    elif representation == "onehot":
+        bits = torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+    else:
+        bits = bit_codes(num_classes, labels.device)[labels].permute(0, 3, 1, 2)
+    assert bits.shape[1] == m
+    return bits * 2 - 1
+
+
+def class_probabilities(x0, num_classes=2, representation="onehot", eps=1e-4):
+    """An estimate of x0, (B, M, H, W), as class probabilities.
+
+    K=2: the foreground probability (x0 + 1) / 2 clipped to [0, 1], (B, 1, H, W).
+    K>2: a distribution over the K classes, (B, K, H, W), summing to 1. One-hot: each
+    channel's (x0 + 1) / 2, clipped and normalised (uniform where all are 0). Analog bits:
+    each bit is on with probability p_b = (x0_b + 1) / 2 (clipped to [eps, 1 - eps]),
+    independently; class k gets the probability of its code, prod_b p_b^c_kb (1 -
+    p_b)^(1 - c_kb), renormalised over the K valid codes (the 2^M - K unused ones hand
+    their mass to their neighbours)."""
+    p = ((x0.float() + 1) / 2).clamp(0, 1)
+    if num_classes == 2:
+        return p
+    if representation == "onehot":
+        total = p.sum(1, keepdim=True)
+        uniform = torch.full_like(p, 1.0 / num_classes)
+        return torch.where(total > 0, p / total.clamp(min=1e-12), uniform)
+    codes = bit_codes(num_classes, x0.device)[None, :, :, None, None]     # (1, K, M, 1, 1)
+    p = p.clamp(eps, 1 - eps)[:, None]                                   # (B, 1, M, H, W)
+    probs = (codes * p + (1 - codes) * (1 - p)).prod(2)                  # (B, K, H, W)
+    return probs / probs.sum(1, keepdim=True)
+
+
+def labels_from_probabilities(probs, num_classes=2, threshold=0.5):
+    """Label maps (long, values 0..K-1) from what `Diffusion.sample` returns: binary
+    probabilities (..., H, W) thresholded at `threshold`; class probabilities (..., K, H,
+    W) by arg-max over the class axis (so (B, S, K, H, W) -> (B, S, H, W))."""
+    if num_classes == 2:
+        return (probs > threshold).long()
+    return probs.argmax(-3)
+
+
 def extract(arr, t, shape):
     """Gather arr[t] for a batch of timesteps and reshape to broadcast against `shape`."""
     out = arr.to(t.device)[t].float()                       # (B,)
@@ -125,7 +196,7 @@ class Diffusion:
 
     def __init__(self, timesteps=1000, schedule="cosine", prediction="eps", shift=1.0,
                  self_condition=False, timestep_sampling="uniform", loss_weighting="none",
-                 min_snr_gamma=5.0):
+                 min_snr_gamma=5.0, num_classes=2, representation="onehot"):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if prediction not in PREDICTION_TYPES:
@@ -146,6 +217,9 @@ class Diffusion:
         self.timestep_sampling = timestep_sampling
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
+        # the mask: K classes (2 = binary) in M channels of diffusion space
+        self.mask_channels = mask_channels(num_classes, representation)
+        self.num_classes, self.representation = int(num_classes), representation
 
         betas = get_beta_schedule(schedule, self.num_timesteps, shift=self.shift).double()
         alphas = 1.0 - betas
@@ -208,7 +282,32 @@ class Diffusion:
     def __repr__(self):
         return (f"Diffusion(timesteps={self.num_timesteps}, schedule={self.schedule!r}, "
                 f"prediction={self.prediction!r}, shift={self.shift:g}, "
-                f"self_condition={self.self_condition})")
+                f"self_condition={self.self_condition}, num_classes={self.num_classes}"
+                + (f", representation={self.representation!r})" if self.num_classes > 2 else ")"))
+
+    # ------------------------------------------------------------------ the mask's coding
+    def encode(self, labels):
+        """Label map or binary mask (B, 1, H, W) -> x0 in {-1, 1}, (B, M, H, W)."""
+        return encode_labels(labels, self.num_classes, self.representation)
+
+    def probabilities(self, x0):
+        """x0 estimate -> foreground probability (B, 1, H, W) if binary, else the class
+        distribution (B, K, H, W); see class_probabilities."""
+        return class_probabilities(x0, self.num_classes, self.representation)
+
+    def foreground(self, per_class):
+        """The foreground channels of a binary map (B, 1, H, W: itself) or of a per-class
+        map (B, K, H, W: all but background, (B, K-1, H, W)): what the Dice, boundary and
+        Hausdorff terms and the overlap scores are computed on, class by class."""
+        return per_class if self.num_classes == 2 else per_class[:, 1:]
+
+    def one_hot(self, labels):
+        """Label map (B, 1, H, W) -> per-class indicator, the shape `probabilities` gives:
+        the mask itself when binary, (B, K, H, W) one-hot otherwise."""
+        if self.num_classes == 2:
+            return labels.float()
+        return torch.nn.functional.one_hot(labels.round().long()[:, 0], self.num_classes
+                                           ).permute(0, 3, 1, 2).float()
 
     # ----------------------------------------------------------------- forward process
     def sample_timesteps(self, n, device=None, generator=None):
@@ -302,7 +401,7 @@ class Diffusion:
     def _model_output(self, model, x_t, image, t, x0_prev=None):
         dtype = next(model.parameters()).dtype
         x_in = self.model_input(x_t, image, x0_prev).to(dtype)
-        return model(x_in, t).float()                                   # (B, 1, H, W)
+        return model(x_in, t).float()                                   # (B, M, H, W)
 
     def p_sample_step(self, model, x_t, image, t_int, generator=None, x0_prev=None):
         """One ancestral step x_t -> x_{t-1} (Ho Algorithm 2, posterior variance).
@@ -344,15 +443,15 @@ class Diffusion:
 
         steps=None or steps=T: the full ancestral DDPM sampler over T-1..0.
         Fewer steps: DDIM on the grid of `ddim_timesteps(T, steps)` with the given eta.
-        noise: the starting x_T, (B, 1, H, W); drawn from `generator` when None.
+        noise: the starting x_T, (B, M, H, W); drawn from `generator` when None.
         """
         steps = self.num_timesteps if steps is None else int(steps)
         device = next(model.parameters()).device
         self.to(device)
         image = image.to(device=device, dtype=torch.float32)
         b, _, h, w = image.shape
-        x_t = (_randn((b, 1, h, w), generator, device) if noise is None
-               else noise.to(device=device, dtype=torch.float32))  # (B, 1, H, W) at T-1
+        x_t = (_randn((b, self.mask_channels, h, w), generator, device) if noise is None
+               else noise.to(device=device, dtype=torch.float32))  # (B, M, H, W) at T-1
         if steps == self.num_timesteps:
             grid = list(range(self.num_timesteps - 1, -1, -1))
         else:
@@ -370,18 +469,20 @@ class Diffusion:
 
     def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False,
                num_samples=1, max_batch=None, noise=None):
-        """Generate masks for a batch of images: probabilities in [0, 1], shape (B, K, H, W)
-        with K = num_samples masks per image (so (B, 1, H, W) for a single sample).
+        """Generate masks for a batch of images, S = num_samples per image: binary masks as
+        foreground probabilities in [0, 1], (B, S, H, W); label maps of K > 2 classes as
+        class probabilities, (B, S, K, H, W) (S = 1 included). labels_from_probabilities
+        turns either into label maps.
 
         model: the noise model, called as model(self.model_input(x_t, image), t); its device and
         dtype decide where sampling runs. image: (B, C, H, W). No process group is needed.
-        The K samples of every image are drawn in one batched pass of B*K, split into
+        The S samples of every image are drawn in one batched pass of B*S, split into
         chunks of at most `max_batch` when memory is short. noise: the starting x_T of
-        every sample, (B*K, 1, H, W) with each image's K samples adjacent; drawn from
+        every sample, (B*S, M, H, W) with each image's S samples adjacent; drawn from
         `generator` when None.
         """
         b, _, h, w = image.shape
-        repeated = image.repeat_interleave(num_samples, dim=0)     # (B*K, C, H, W)
+        repeated = image.repeat_interleave(num_samples, dim=0)     # (B*S, C, H, W)
         chunk = max_batch or repeated.shape[0]
         was_training = model.training
         model.eval()
@@ -395,7 +496,10 @@ class Diffusion:
                     for _, _, x0 in self.sample_progressive(model, part, steps, eta, generator,
                                                             progress, start):
                         pass
-                    probs.append(((x0 + 1.0) / 2.0).clamp(0.0, 1.0))
-                return torch.cat(probs).reshape(b, num_samples, h, w)
+                    probs.append(self.probabilities(x0))           # (b*S, 1 or K, H, W)
+                probs = torch.cat(probs)
+                if self.num_classes == 2:
+                    return probs.reshape(b, num_samples, h, w)
+                return probs.reshape(b, num_samples, self.num_classes, h, w)
         finally:
             model.train(was_training)

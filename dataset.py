@@ -157,7 +157,8 @@ def check_mask(raw, full_scale, path, mask_values=None, allow_soft_masks=False):
         raise DatasetError(
             f"mask {path} looks like a label map, not a binary mask: its values are {listed}. "
             f"Pass --mask-values with the label(s) that are foreground, "
-            f"e.g. --mask-values {values[-1]}.")
+            f"e.g. --mask-values {values[-1]}, or learn every label as its own class with "
+            f"--num-classes {len(values)}{' --class-values ' + listed.replace(',', '') if vmax >= len(values) else ''}.")
     share = counts[intermediate].sum() / raw.size
     if share > MAX_INTERMEDIATE:
         raise DatasetError(
@@ -173,6 +174,45 @@ def mask_foreground(raw, full_scale, mask_threshold=0.5, mask_values=None):
     if mask_values is not None:
         return np.isin(raw, np.asarray(mask_values))
     return raw >= mask_threshold * mask_full_scale(raw, full_scale)
+
+
+def label_map(raw, path, num_classes, class_values=None):
+    """Stored (H, W) label map -> uint8 (H, W) class indices 0..K-1.
+
+    Without `class_values` the stored values are the class indices and must lie in 0..K-1;
+    with it, class_values[k] is the value stored for class k. A value outside those is
+    refused, naming the file and the flag that fixes it. Absent classes are fine."""
+    values = np.unique(raw)
+    if class_values is None:
+        bad = values[(values < 0) | (values >= num_classes)]
+        if bad.size:
+            listed = " ".join(str(v) for v in values.tolist())
+            hint = (f"pass --class-values {listed} (the stored values in class order)"
+                    if len(values) == num_classes else
+                    f"pass --class-values with the {num_classes} stored values in class order "
+                    f"(this file stores {listed}), or set --num-classes to the classes there are")
+            raise DatasetError(f"mask {path} stores value(s) {' '.join(map(str, bad.tolist()))}, "
+                               f"outside the class indices 0..{num_classes - 1} of "
+                               f"--num-classes {num_classes}: {hint}.")
+        return raw.astype(np.uint8)
+    bad = np.setdiff1d(values, np.asarray(class_values))
+    if bad.size:
+        raise DatasetError(f"mask {path} stores value(s) {' '.join(map(str, bad.tolist()))} that "
+                           f"--class-values {' '.join(map(str, class_values))} does not list. "
+                           f"Add each to --class-values (and --num-classes), or fix the mask.")
+    labels = np.zeros(raw.shape, dtype=np.uint8)
+    for k, value in enumerate(class_values):
+        labels[raw == value] = k
+    return labels
+
+
+def mask_labels(raw, full_scale, path, mask_threshold=0.5, mask_values=None, num_classes=2,
+                class_values=None):
+    """Stored (H, W) mask -> uint8 (H, W) classes: 0/1 for a binary mask (mask_foreground),
+    0..K-1 for a label map of num_classes > 2 (label_map)."""
+    if num_classes > 2:
+        return label_map(raw, path, num_classes, class_values)
+    return mask_foreground(raw, full_scale, mask_threshold, mask_values).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- folder layout
@@ -311,7 +351,7 @@ def train_augmentation():
 
 # ----------------------------------------------------------------------------- folder dataset
 
-def _scan_pair(pair, mask_threshold, mask_values, allow_soft_masks):
+def _scan_pair(pair, mask_threshold, mask_values, allow_soft_masks, num_classes, class_values):
     """Decode one pair and check it: (height, width, foreground fraction), or a DatasetError."""
     _, image_path, mask_path = pair
     try:
@@ -322,9 +362,11 @@ def _scan_pair(pair, mask_threshold, mask_values, allow_soft_masks):
             raise DatasetError(f"image {image_path} is {w}x{h} but its mask {mask_path} is "
                                f"{mw}x{mh}. Re-export the mask at the image's size.")
         raw = _grey_mask(raw, full_scale, mask_path)
-        check_mask(raw, full_scale, mask_path, mask_values, allow_soft_masks)
-        foreground = mask_foreground(raw, full_scale, mask_threshold, mask_values)
-        return image.shape[0], image.shape[1], float(foreground.mean())
+        if num_classes == 2:
+            check_mask(raw, full_scale, mask_path, mask_values, allow_soft_masks)
+        labels = mask_labels(raw, full_scale, mask_path, mask_threshold, mask_values,
+                             num_classes, class_values)
+        return image.shape[0], image.shape[1], float((labels > 0).mean())
     except DatasetError as e:
         return e
 
@@ -348,6 +390,8 @@ class ContourDataset(Dataset):
     Masks: foreground where the value is >= `mask_threshold` x full scale (0/1 masks count as
         full-scale 1), or, given `mask_values`, where the value is one of those labels.
         `check_mask` refuses label maps and soft maps; `allow_soft_masks=True` accepts the latter.
+        With num_classes K > 2 a mask is a label map: values 0..K-1, or the K `class_values`
+        in class order (see label_map); the contour is then the (1, S, S) class index map.
     image_size, fit: every pair becomes a square of `image_size`, see `fit_square`.
     augment: True applies `train_augmentation()`; a callable taking and returning
         (tv_tensors.Image, tv_tensors.Mask) replaces it; False for validation and test.
@@ -361,7 +405,7 @@ class ContourDataset(Dataset):
 
     def __init__(self, root, split="train", image_size=256, augment=False, channels=1,
                  mask_threshold=0.5, mask_values=None, *, fit="pad", mask_suffix="",
-                 allow_soft_masks=False, scan_threads=None):
+                 allow_soft_masks=False, scan_threads=None, num_classes=2, class_values=None):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if fit not in FIT_MODES:
@@ -373,6 +417,11 @@ class ContourDataset(Dataset):
         self.image_size, self.channels, self.fit = image_size, channels, fit
         self.mask_threshold = mask_threshold
         self.mask_values = None if mask_values is None else [int(v) for v in mask_values]
+        if num_classes < 2 or (num_classes > 2 and mask_values is not None):
+            raise ValueError("num_classes >= 2; mask_values is for binary masks (num_classes=2), "
+                             "class_values for label maps")
+        self.num_classes = int(num_classes)
+        self.class_values = None if class_values is None else [int(v) for v in class_values]
         self.image_dir, self.mask_dir = resolve_layout(self.root, split)
         pairs = pair_files(self.image_dir, self.mask_dir, mask_suffix)
         self.names = [stem for stem, _, _ in pairs]
@@ -385,7 +434,8 @@ class ContourDataset(Dataset):
 
     def _scan(self, pairs, allow_soft_masks, scan_threads):
         threads = scan_threads or min(8, available_cpus())
-        args = (self.mask_threshold, self.mask_values, allow_soft_masks)
+        args = (self.mask_threshold, self.mask_values, allow_soft_masks, self.num_classes,
+                self.class_values)
         if threads > 1 and len(pairs) > 16:
             with ThreadPoolExecutor(threads) as pool:
                 results = list(pool.map(lambda pair: _scan_pair(pair, *args), pairs))
@@ -419,13 +469,16 @@ class ContourDataset(Dataset):
         return view
 
     def load_pair(self, index):
-        """The pair at native size: image (C, H, W) float32 in [0, 1], mask (1, H, W) uint8."""
+        """The pair at native size: image (C, H, W) float32 in [0, 1], mask (1, H, W) uint8
+        (0/1, or class indices 0..K-1)."""
         array, full_scale = read_array(self.image_paths[index])
         image = image_to_tensor(array, full_scale, self.channels)            # (C, H, W)
-        raw, mask_scale = read_array(self.mask_paths[index], mask=True)
-        raw = _grey_mask(raw, mask_scale, self.mask_paths[index])
-        foreground = mask_foreground(raw, mask_scale, self.mask_threshold, self.mask_values)
-        return image, torch.from_numpy(foreground.astype(np.uint8))[None]   # (1, H, W)
+        path = self.mask_paths[index]
+        raw, mask_scale = read_array(path, mask=True)
+        raw = _grey_mask(raw, mask_scale, path)
+        labels = mask_labels(raw, mask_scale, path, self.mask_threshold, self.mask_values,
+                             self.num_classes, self.class_values)
+        return image, torch.from_numpy(labels)[None]                        # (1, H, W)
 
     def __getitem__(self, index):
         image, mask = self.load_pair(index)
@@ -681,19 +734,23 @@ def signed_distance_map(mask):
 
 
 class WithDistanceMaps(Dataset):
-    """(image, contour) -> (image, contour, signed distance map of the contour), for the
-    boundary and Hausdorff loss terms. The map is made here, after augmentation, in the
-    loader's workers, so the training step never waits on a distance transform of the truth."""
+    """(image, contour) -> (image, contour, signed distance maps), for the boundary and
+    Hausdorff loss terms: (1, H, W) of a binary contour, or (K-1, H, W), one per foreground
+    class, of a label map of num_classes K > 2. The maps are made here, after augmentation,
+    in the loader's workers, so the training step never waits on a distance transform."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, num_classes=2):
+        self.dataset, self.num_classes = dataset, num_classes
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
         image, contour = self.dataset[index]
-        return image, contour, signed_distance_map(contour)
+        if self.num_classes == 2:
+            return image, contour, signed_distance_map(contour)
+        return image, contour, torch.cat([signed_distance_map(contour == k)
+                                          for k in range(1, self.num_classes)])
 
 
 # ----------------------------------------------------------------------------- loaders

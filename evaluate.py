@@ -7,16 +7,21 @@
     python evaluate.py --checkpoint CKPT --images DIR --out DIR     # masks for unlabelled images
 
 With masks it writes to --out:
-  metrics.json   mean and std over images of dice, iou, precision, recall, hd95, assd,
-                 boundary_f1; MedSegDiff-protocol Dice/IoU (averaged over thresholds
-                 0.1..0.9); how many images had empty masks; ensemble uncertainty against
-                 pixel errors; the settings, the checkpoint's step and config; seconds/image
+  metrics.json   mean and std over images of dice, iou, precision, recall, hd95 (pooled, as
+                 MedPy), hd95_max (MONAI's), assd, boundary_f1; MedSegDiff-protocol
+                 Dice/IoU (averaged over thresholds 0.1..0.9); how many images had empty
+                 masks; ensemble uncertainty against pixel errors; calibration (ECE); the
+                 settings, the checkpoint's step and config; seconds/image
   per_image.csv  one row per image
   reliability.png  the fused probability's calibration (ECE in metrics.json)
   sheet_NNN.png  rows of: image with truth (green) and prediction (red) outlines | truth |
                  fused prediction | uncertainty (entropy of the ensemble mean)
-With --images it writes masks/<name>.png (0/255, at each image's own size) and
-uncertainty/<name>.png.
+With --images it writes masks/<name>.png (at each image's own size: 0/255 for a binary mask,
+class indices 0..K-1 for a label map) and uncertainty/<name>.png.
+
+Label maps (a run of --num-classes K > 2): metrics.json's `metrics` is the mean over the
+foreground classes, `per_class` each class's (keyed "1".."K-1"), per_image.csv has a
+`<metric>_<k>` column per class, and the sheets colour each class.
 """
 import argparse
 import csv
@@ -42,7 +47,10 @@ from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
                    expected_calibration_error, fuse_samples, load_checkpoint, mask_metrics,
                    overlap_scores, read_checkpoint, uncertainty_maps)
 
-METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "boundary_f1")
+METRICS = ("dice", "iou", "precision", "recall", "hd95", "hd95_max", "assd", "boundary_f1")
+# class colours on the picture sheets of label maps: class k gets CLASS_COLOURS[k - 1]
+CLASS_COLOURS = ("red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple",
+                 "brown", "pink", "olive", "teal", "navy", "maroon", "gold")
 CALIBRATION_BINS = 15
 PROTOCOL_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -63,16 +71,28 @@ def predict(model, diffusion, images, steps, ensemble=1, fusion="mean", eta=0.0,
             generator=None, amp=None, max_batch=None):
     """Sample `ensemble` masks per image and fuse them.
 
-    Returns fused (B, 1, H, W) probabilities, the samples (B, K, H, W) and the uncertainty
-    maps (dict of (B, 1, H, W))."""
+    Returns the fused probabilities (binary: (B, 1, H, W) foreground; K classes: (B, K, H,
+    W) class distributions), the samples (B, S, H, W) or (B, S, K, H, W), and the
+    uncertainty maps (dict of (B, 1, H, W); see utils.uncertainty_maps)."""
     device = next(model.parameters()).device
     context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     with context:
         samples = diffusion.sample(model, images.to(device), steps=steps, eta=eta,
                                    generator=generator, num_samples=ensemble,
                                    max_batch=max_batch).float()
-    fused = fuse_samples(samples, fusion) if ensemble > 1 else samples
+    if ensemble > 1:
+        fused = fuse_samples(samples, fusion)
+    else:
+        fused = samples[:, 0] if samples.ndim == 5 else samples
     return fused, samples, uncertainty_maps(samples)
+
+
+def predicted_labels(fused, num_classes):
+    """Label maps (B, 1, H, W), long, from fused probabilities: threshold 0.5 (binary) or
+    arg-max over classes."""
+    if num_classes == 2:
+        return (fused > 0.5).long()
+    return fused.argmax(1, keepdim=True)
 
 
 # ------------------------------------------------------------------ pictures
@@ -83,21 +103,40 @@ def outline(mask):
     return (m - eroded)[:, 0] > 0
 
 
-def picture_rows(images, truth, fused, uncertainty, min_size=128):
-    """Panels per image: overlay | truth | fused | uncertainty, as (4B, 3, S, S) in [0, 1]."""
+def picture_rows(images, truth, fused, uncertainty, min_size=128, num_classes=2):
+    """Panels per image: overlay | truth | prediction | uncertainty, as (4B, 3, S, S) in
+    [0, 1]. Binary: truth (green) and prediction (red) outlines on the image, the truth and
+    the fused probability in grey. K classes (truth: label maps (B, 1, H, W); fused: class
+    distributions): each class in its own colour (CLASS_COLOURS), prediction outlines on
+    the image, truth and prediction filled."""
     scale = max(1, math.ceil(min_size / images.shape[-1]))
     up = lambda x: F.interpolate(x.float(), scale_factor=scale, mode="nearest")  # noqa: E731
     images, truth, fused, uncertainty = map(up, (images, truth, fused, uncertainty))
     grey = images.mean(1, keepdim=True) if images.shape[1] != 3 else images
     rgb = (grey.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)
-    pred = fused > 0.5
-    overlays = []
-    for i in range(rgb.shape[0]):
-        lines = torch.cat([outline(truth[i] > 0.5), outline(pred[i])])      # (2, S, S)
-        overlays.append(draw_segmentation_masks(rgb[i], lines, alpha=1.0,
-                                                colors=["lime", "red"]).float() / 255)
     to_rgb = lambda x: x.expand(-1, 3, -1, -1)  # noqa: E731
-    panels = torch.stack([torch.stack(overlays), to_rgb(truth), to_rgb(fused),
+    if num_classes == 2:
+        pred = fused > 0.5
+        overlays = []
+        for i in range(rgb.shape[0]):
+            lines = torch.cat([outline(truth[i] > 0.5), outline(pred[i])])      # (2, S, S)
+            overlays.append(draw_segmentation_masks(rgb[i], lines, alpha=1.0,
+                                                    colors=["lime", "red"]).float() / 255)
+        middle = [to_rgb(truth), to_rgb(fused)]
+    else:
+        classes = torch.arange(1, num_classes)[:, None, None]
+        colours = [CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)] for k in range(1, num_classes)]
+        pred = fused.argmax(1)                                                   # (B, S, S)
+        black = torch.zeros_like(rgb[0])
+        overlays, truth_rgb, pred_rgb = [], [], []
+        for i in range(rgb.shape[0]):
+            p_masks, t_masks = pred[i] == classes, truth[i, 0].round().long() == classes
+            overlays.append(draw_segmentation_masks(rgb[i], outline(p_masks), alpha=1.0,
+                                                    colors=colours).float() / 255)
+            truth_rgb.append(draw_segmentation_masks(black, t_masks, 1.0, colours).float() / 255)
+            pred_rgb.append(draw_segmentation_masks(black, p_masks, 1.0, colours).float() / 255)
+        middle = [torch.stack(truth_rgb), torch.stack(pred_rgb)]
+    panels = torch.stack([torch.stack(overlays), *middle,
                           to_rgb(uncertainty.clamp(0, 1))], dim=1)           # (B, 4, 3, S, S)
     return panels.flatten(0, 1)
 
@@ -115,18 +154,42 @@ def summarise(rows, names):
     return out
 
 
+def _class_mean(values):
+    """Mean of the finite values (a metric over the foreground classes), NaN if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def image_metrics(pred, truth, num_classes, spacing=1.0, tolerance=2.0):
+    """Metrics of one image's (H, W) label maps: binary, mask_metrics of the foreground;
+    K classes, per-class mask_metrics of classes 1..K-1 as `<metric>_<k>` and, under the
+    plain names, their mean over those classes (distances over the classes that have one)."""
+    if num_classes == 2:
+        return mask_metrics(pred == 1, truth == 1, spacing, tolerance)
+    per = {k: mask_metrics(pred == k, truth == k, spacing, tolerance)
+           for k in range(1, num_classes)}
+    row = {m: _class_mean([per[k][m] for k in per]) for m in METRICS}
+    row.update({f"{m}_{k}": per[k][m] for k in per for m in METRICS})
+    return row
+
+
 def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean", eta=0.0,
              batch_size=16, seed=0, amp=None, spacing=1.0, tolerance=2.0, names=None,
              max_batch=None, sheet_rows=8):
-    """Score every image of `dataset`; write metrics.json, per_image.csv and picture sheets
-    to `out`; return the metrics dict."""
+    """Score every image of `dataset`; write metrics.json, per_image.csv, reliability.png
+    and picture sheets to `out`; return the metrics dict. With K > 2 classes (from
+    `diffusion`), `metrics` holds the mean over foreground classes of each image's scores
+    and `per_class` each class's, keyed "1" .. "K-1"."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    num_classes = diffusion.num_classes
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     rows, protocol = [], {th: [[], []] for th in PROTOCOL_THRESHOLDS}
     errors_all, unc_all = [], []
-    bins = [np.zeros(CALIBRATION_BINS) for _ in range(3)]   # pixels, sum p, sum truth
+    # calibration counts per class (binary: the foreground only): pixels, sum p, sum truth
+    bins = [[np.zeros(CALIBRATION_BINS) for _ in range(3)]
+            for _ in range(1 if num_classes == 2 else num_classes)]
     sampling_seconds, sheet, sheet_index = 0.0, [], 0
     for image, mask in tqdm(loader, desc="evaluating"):
         start = time.perf_counter()
@@ -134,34 +197,42 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
                                       generator, amp, max_batch)
         fused, entropy = fused.cpu(), unc["entropy"].cpu()
         sampling_seconds += time.perf_counter() - start
-        truth = mask > 0.5
-        pred = fused > 0.5
+        truth = mask.round().long()                                   # (B, 1, H, W)
+        pred = predicted_labels(fused, num_classes)
         for i in range(image.shape[0]):
             row = {"name": names[len(rows)] if names else str(len(rows))}
-            row.update(mask_metrics(pred[i, 0].numpy(), truth[i, 0].numpy(), spacing, tolerance))
-            row.update(pred_pixels=int(pred[i].sum()), truth_pixels=int(truth[i].sum()),
+            row.update(image_metrics(pred[i, 0].numpy(), truth[i, 0].numpy(), num_classes,
+                                     spacing, tolerance))
+            row.update(pred_pixels=int((pred[i] > 0).sum()), truth_pixels=int((truth[i] > 0).sum()),
                        uncertainty=float(entropy[i].mean()))
             rows.append(row)
-        for th in PROTOCOL_THRESHOLDS:
-            dice, iou = overlap_scores(fused > th, truth)
-            protocol[th][0] += dice.tolist()
-            protocol[th][1] += iou.tolist()
+        if num_classes == 2:
+            for th in PROTOCOL_THRESHOLDS:
+                dice, iou = overlap_scores(fused > th, truth > 0)
+                protocol[th][0] += dice.tolist()
+                protocol[th][1] += iou.tolist()
         wrong = (pred != truth)
         errors_all.append(wrong.flatten().numpy())
-        for total, part in zip(bins, calibration_bins(fused.numpy(), truth.numpy(),
-                                                      CALIBRATION_BINS)):
-            total += part
+        per_class = ([(fused, truth > 0)] if num_classes == 2 else
+                     [(fused[:, k], truth[:, 0] == k) for k in range(num_classes)])
+        for totals, (p, y) in zip(bins, per_class):
+            for total, part in zip(totals, calibration_bins(p.numpy(), y.numpy(),
+                                                            CALIBRATION_BINS)):
+                total += part
         unc_all.append(entropy.flatten().numpy())
-        sheet.append(picture_rows(image, mask, fused, entropy))
+        sheet.append(picture_rows(image, mask if num_classes == 2 else truth, fused, entropy,
+                                  num_classes=num_classes))
         if sum(len(s) for s in sheet) >= 4 * sheet_rows:
             sheet_index = _write_sheet(out, torch.cat(sheet), sheet_rows, sheet_index)
             sheet = []
     if sheet:
         _write_sheet(out, torch.cat(sheet), sheet_rows, sheet_index)
 
+    class_columns = [f"{m}_{k}" for k in range(1, num_classes) for m in METRICS
+                     ] if num_classes > 2 else []
     with open(out / "per_image.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["name", *METRICS, "pred_pixels", "truth_pixels",
-                                    "uncertainty"])
+        writer = csv.DictWriter(f, ["name", *METRICS, *class_columns, "pred_pixels",
+                                    "truth_pixels", "uncertainty"])
         writer.writeheader()
         writer.writerows(rows)
 
@@ -178,26 +249,37 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
                     "images are left out of the distance means (their 'n' is smaller) and "
                     "counted here. Both empty scores dice 1, iou 1, distances 0.",
         },
-        "medsegdiff_protocol": {
-            "dice": float(np.mean([np.mean(v[0]) for v in protocol.values()])),
-            "iou": float(np.mean([np.mean(v[1]) for v in protocol.values()])),
-            "thresholds": list(PROTOCOL_THRESHOLDS),
-            "note": "mean over images, then over thresholds, of the fused probability map "
-                    "binarised at each threshold (MedSegDiff's reporting)",
-        },
         "uncertainty": {
-            "measure": "binary entropy (bits) of the ensemble's mean probability",
+            "measure": ("binary entropy (bits) of the ensemble's mean probability"
+                        if num_classes == 2 else
+                        f"entropy of the ensemble's mean class distribution / log {num_classes}"),
             "mean_on_wrong_pixels": float(uncertainty[errors].mean()) if errors.any() else math.nan,
             "mean_on_right_pixels": float(uncertainty[~errors].mean()),
             "auroc_for_pixel_error": auroc(uncertainty, errors),
             "wrong_pixel_fraction": float(errors.mean()),
         },
-        "calibration": calibration_summary(*bins),
+        "calibration": calibration_summary(bins),
         "seconds_per_image": sampling_seconds / max(len(rows), 1),
         "settings": {"steps": steps, "ensemble": ensemble, "fusion": fusion, "eta": eta,
                      "seed": seed, "threshold": 0.5, "spacing": spacing,
                      "boundary_tolerance": tolerance, "batch_size": batch_size},
     }
+    if num_classes == 2:
+        metrics["medsegdiff_protocol"] = {
+            "dice": float(np.mean([np.mean(v[0]) for v in protocol.values()])),
+            "iou": float(np.mean([np.mean(v[1]) for v in protocol.values()])),
+            "thresholds": list(PROTOCOL_THRESHOLDS),
+            "note": "mean over images, then over thresholds, of the fused probability map "
+                    "binarised at each threshold (MedSegDiff's reporting)",
+        }
+    else:
+        metrics["per_class"] = {
+            str(k): {m: v for m, v in zip(METRICS, summarise(
+                rows, [f"{m}_{k}" for m in METRICS]).values())}
+            for k in range(1, num_classes)}
+        metrics["metrics_note"] = ("per image, the mean over the foreground classes 1..K-1 "
+                                   "(distances over the classes that have one); per_class: "
+                                   "each class on its own")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     try:   # best effort: the numbers are in metrics.json already
         reliability_diagram(metrics["calibration"], out / "reliability.png")
@@ -206,18 +288,26 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     return metrics
 
 
-def calibration_summary(counts, prob_sums, label_sums):
-    """ECE and the reliability table of the fused foreground probability, per pixel."""
+def calibration_summary(bins):
+    """ECE and the reliability table of the fused probabilities, per pixel. `bins` holds
+    calibration_bins counts (pixels, sum of probabilities, sum of labels) per class: one
+    entry, the foreground, for a binary mask; K for K classes, whose ECE is the class-wise
+    ECE (Kull et al. 2019), the mean over classes of each class's, and whose table pools
+    the classes."""
+    counts, prob_sums, label_sums = (sum(part) for part in zip(*bins))
     edges = np.linspace(0, 1, len(counts) + 1)
     table = [{"from": float(lo), "to": float(hi), "pixels": int(n),
               "mean_probability": float(p / n) if n else None,
               "foreground_frequency": float(y / n) if n else None}
              for lo, hi, n, p, y in zip(edges[:-1], edges[1:], counts, prob_sums, label_sums)]
-    return {"ece": expected_calibration_error(counts, prob_sums, label_sums),
+    what = ("foreground probability" if len(bins) == 1 else
+            f"probability of each of the {len(bins)} classes (pooled in the table; ECE the mean "
+            f"of the per-class ECEs)")
+    return {"ece": float(np.mean([expected_calibration_error(*b) for b in bins])),
             "bins": table,
-            "note": "the fused foreground probability of every pixel against its truth, in "
+            "note": f"the fused {what} of every pixel against its truth, in "
                     f"{len(counts)} equal-width bins; ECE = sum over bins of (pixels in bin / "
-                    "all pixels) x |foreground frequency - mean probability|"}
+                    "all pixels) x |observed frequency - mean probability|"}
 
 
 def reliability_diagram(calibration, path):
@@ -277,10 +367,15 @@ def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
             batch.append(fit_square(image, empty, config.image_size, fit)[0])
         fused, _, unc = predict(model, diffusion, torch.stack(batch), steps, ensemble, fusion,
                                 generator=generator, amp=amp, max_batch=max_batch)
-        for path, (h, w), prob, entropy in zip(paths[start:], sizes, fused.cpu(),
-                                                unc["entropy"].cpu()):
-            _save_png(_unfit(prob > 0.5, h, w, fit, v2.InterpolationMode.NEAREST_EXACT),
-                      out / "masks" / f"{path.stem}.png")
+        labels = predicted_labels(fused.cpu(), diffusion.num_classes)      # (B, 1, S, S)
+        for path, (h, w), label, entropy in zip(paths[start:], sizes, labels,
+                                                 unc["entropy"].cpu()):
+            label = _unfit(label, h, w, fit, v2.InterpolationMode.NEAREST_EXACT)
+            if diffusion.num_classes == 2:
+                _save_png(label, out / "masks" / f"{path.stem}.png")          # 0 / 255
+            else:                                                             # 0 .. K-1
+                Image.fromarray(label.round().to(torch.uint8).numpy()).save(
+                    out / "masks" / f"{path.stem}.png")
             _save_png(_unfit(entropy, h, w, fit, v2.InterpolationMode.BILINEAR),
                       out / "uncertainty" / f"{path.stem}.png")
     return len(paths)
@@ -370,7 +465,8 @@ def scored_dataset(config, args):
                        mask_threshold=_given(args.mask_threshold, config.mask_threshold),
                        mask_suffix=_given(args.mask_suffix, config.mask_suffix),
                        allow_soft_masks=_given(args.allow_soft_masks, config.allow_soft_masks),
-                       fit=_given(args.fit, config.fit))
+                       fit=_given(args.fit, config.fit), num_classes=config.num_classes,
+                       class_values=list(config.class_values) or None)
     return load_split(data, args.split, image_size=config.image_size, channels=config.channels,
                       val_fraction=_given(args.val_fraction, config.val_fraction),
                       test_fraction=_given(args.test_fraction, config.test_fraction),
@@ -424,6 +520,9 @@ def main(argv=None):
     print(f"{metrics['images']} images: dice {m['dice']['mean']:.4f}  iou {m['iou']['mean']:.4f}  "
           f"hd95 {m['hd95']['mean']:.2f}  assd {m['assd']['mean']:.2f}  "
           f"{metrics['seconds_per_image']:.3f} s/image  -> {out}")
+    if "per_class" in metrics:
+        print("per class: " + "  ".join(f"{k}: dice {c['dice']['mean']:.4f}"
+                                        for k, c in metrics["per_class"].items()))
     return metrics
 
 

@@ -58,7 +58,10 @@ def parse_args(argv=None):
     if args.model != "unet2d" and unet_only:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in unet_only)} set(s) "
                      f"unet2d's shape; --model {args.model} builds with its own defaults")
-    return TrainConfig(**vars(args)), explicit
+    try:
+        return TrainConfig(**vars(args)), explicit
+    except ValueError as e:   # flags that do not fit together: one line, not a traceback
+        parser.error(str(e))
 
 
 def free_port():

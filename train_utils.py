@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from dataset import (MIN_VAL_IMAGES, WithDistanceMaps, build_datasets, make_loader, set_epoch,
                      signed_distance_map)
-from DDPM import Diffusion
+from DDPM import Diffusion, labels_from_probabilities
 from model import PatchDiscriminator, check_registered
 from utils import (CheckpointError, Progress, build_model_and_diffusion, checkpoint_state,
-                   find_resume_checkpoint, is_main, overlap_scores, print0, read_checkpoint,
+                   class_overlap, find_resume_checkpoint, is_main, print0, read_checkpoint,
                    restore_checkpoint, run_length_defaults, save_checkpoint, save_images,
                    seed_everything, set_rng_state, unwrap)
 
@@ -46,26 +46,36 @@ def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image, cfg,
     """The training loss. Returns (total, parts): a scalar to backpropagate and a dict of
     named, detached scalars; each part is a column of metrics.csv and shows in the bar.
 
-    model_output: (B, 1, H, W) what the UNet predicts (eps, x0 or v, per diffusion.prediction)
-    target:       (B, 1, H, W) the same quantity, true value
+    model_output: (B, M, H, W) what the UNet predicts (eps, x0 or v, per diffusion.prediction),
+                  M mask channels in diffusion space (1 for a binary mask)
+    target:       (B, M, H, W) the same quantity, true value
     x_t, t:       the noisy mask the model saw and its timesteps (B,)
-    mask:         (B, 1, H, W) true mask in {0, 1}; image: (B, C, H, W) the condition
+    mask:         (B, F, H, W) true mask in {0, 1} per foreground class: F = 1 for a binary
+                  mask, K-1 for K classes; image: (B, C, H, W) the condition
     cfg:          the TrainConfig (term weights: cfg.loss_dice, ...; 0 = off)
-    distances:    (B, 1, H, W) signed distance to the true boundary (negative inside, in
-                  image sides), from dataset.WithDistanceMaps; only when a term needs it
+    distances:    (B, F, H, W) signed distance to each class's true boundary (negative
+                  inside, in image sides), from dataset.WithDistanceMaps; only when a term
+                  needs it
     discriminator: the PatchGAN critic (frozen here) when cfg.loss_adversarial > 0
 
-    A new term is two lines: compute it per image from `mask_pred`, weight it into `parts`.
+    `mask_pred` (B, F, H, W) is the predicted probability of each foreground class, so every
+    term is computed class by class and averaged. A new term is two lines: compute it per
+    image from `mask_pred`, weight it into `parts`.
     """
     mse = F.mse_loss(model_output.float(), target, reduction="none").flatten(1).mean(1)  # (B,)
     parts = {"mse": weighted(mse, diffusion.loss_weight(t))}   # 1, or min-SNR-gamma
 
     x0, _ = diffusion.predict_x0_eps(x_t, t, model_output, clip=False)
-    mask_pred = ((x0 + 1) / 2).clamp(0, 1)                        # (B, 1, H, W) in [0, 1]
+    mask_pred = diffusion.foreground(diffusion.probabilities(x0))  # (B, F, H, W) in [0, 1]
     # Weight each image by abar_t = SNR / (1 + SNR), in (0, 1]: near 1 at low noise, near 0
-    # near pure noise, where the predicted mask can only be a blur of the prior and a
-    # sharp-mask term would reward guessing. Bounded, unlike the SNR itself.
-    weight = diffusion.alphas_cumprod.to(t.device)[t]            # (B,)
+    # near pure noise, where an unconditional model's mask can only be a blur of the prior
+    # and a sharp-mask term would reward guessing. Bounded, unlike the SNR itself. With a
+    # large schedule shift abar_t is near 0 at almost every t, and the image alone decides
+    # the mask there: --term-weighting uniform weighs every t by 1.
+    if cfg.term_weighting == "uniform":
+        weight = torch.ones_like(t, dtype=torch.float32)
+    else:
+        weight = diffusion.alphas_cumprod.to(t.device)[t]        # (B,)
     if cfg.loss_dice:
         parts["dice"] = cfg.loss_dice * weighted(soft_dice_loss(mask_pred, mask), weight)
     if cfg.loss_boundary:
@@ -88,10 +98,11 @@ def weighted(per_image, weight):
 
 
 def soft_dice_loss(pred, mask, smooth=1.0):
-    """1 - soft Dice per image (Milletari et al. 2016): 0 for a perfect prediction."""
-    inter = (pred * mask).flatten(1).sum(1)
-    total = pred.flatten(1).sum(1) + mask.flatten(1).sum(1)
-    return 1 - (2 * inter + smooth) / (total + smooth)
+    """1 - soft Dice per image (Milletari et al. 2016), (B, F, H, W) -> (B,): each class
+    channel's, averaged over the F channels; 0 for a perfect prediction."""
+    inter = (pred * mask).flatten(2).sum(2)                                   # (B, F)
+    total = pred.flatten(2).sum(2) + mask.flatten(2).sum(2)
+    return (1 - (2 * inter + smooth) / (total + smooth)).mean(1)
 
 
 def boundary_loss(pred, signed_distance):
@@ -106,8 +117,9 @@ def hausdorff_dt_loss(pred, mask, signed_distance, alpha=2.0):
     mean of (p - g)^2 * (d_g^alpha + d_p^alpha), d the distance to each mask's boundary.
     d_g comes from the data pipeline; d_p of the thresholded prediction is computed here,
     without gradient, on the CPU (scipy), once per step."""
-    with torch.no_grad():
-        pred_distance = torch.stack([signed_distance_map(p > 0.5) for p in pred.detach().cpu()])
+    with torch.no_grad():   # per image, per class channel
+        pred_distance = torch.stack([torch.cat([signed_distance_map(c[None] > 0.5) for c in p])
+                                     for p in pred.detach().cpu()])
     pred_distance = pred_distance.to(pred.device).abs()
     weight = signed_distance.abs() ** alpha + pred_distance ** alpha
     return ((pred - mask) ** 2 * weight).flatten(1).mean(1)
@@ -387,20 +399,21 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
     and noise seeded by each image's index; val_iou and val_dice: `steps` (default
     --eval-steps) DDIM steps (eta=0) from a start noise seeded the same way, threshold 0.5,
     averaged over images (two empty masks score 1). So all are comparable across
-    validations, batch sizes and process counts. All are all-reduced as [sum, count], so
-    every rank holds the same numbers.
+    validations, batch sizes and process counts. With K > 2 classes, IoU and Dice are the
+    mean over the foreground classes of each image (utils.class_overlap). All are
+    all-reduced as [sum, count], so every rank holds the same numbers.
     """
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # mse, iou, dice, images
     vis = None
     for index, image, mask in loader:
         image = image.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)
-        x0 = mask * 2 - 1
+        x0 = diffusion.encode(mask)                                   # (B, M, H, W)
         gens = [torch.Generator().manual_seed(cfg.seed * 100_003 + int(i)) for i in index]
         t = torch.cat([torch.randint(0, diffusion.num_timesteps, (1,), generator=g)
                        for g in gens]).to(device)
-        noise = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens]).to(device)
-        start = torch.stack([torch.randn(mask.shape[1:], generator=g) for g in gens])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        start = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
         x_t, _ = diffusion.noise_image(x0, t, noise)
         with autocast(device, dtype):
             out = ema_model(diffusion.model_input(x_t, image), t)
@@ -408,12 +421,18 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
         with autocast(device, dtype):
             probs = diffusion.sample(ema_model, image, steps=steps or cfg.eval_steps,
                                      noise=start, generator=gens[0])  # the ancestral sampler's later draws
-        dice, iou = overlap_scores(probs > 0.5, mask > 0.5)
+        labels = labels_from_probabilities(probs, diffusion.num_classes)  # (B, 1, H, W)
+        dice, iou = class_overlap(labels, mask.round().long(), diffusion.num_classes)
         sums += torch.stack([per_image.mean(1).sum(), iou.sum(), dice.sum(),
                              torch.tensor(float(len(index)), device=device)]).double()
         if vis is None:
-            vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu(),
-                   probs[:cfg.num_vis].float().cpu())
+            if diffusion.num_classes == 2:
+                vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu(),
+                       probs[:cfg.num_vis].float().cpu())
+            else:   # label maps as grey levels k / (K - 1)
+                scale = 1.0 / (diffusion.num_classes - 1)
+                vis = (image[:cfg.num_vis].cpu(), mask[:cfg.num_vis].cpu() * scale,
+                       labels[:cfg.num_vis].float().cpu() * scale)
     if get_world_size() > 1:
         dist.all_reduce(sums)
     mse_sum, iou_sum, dice_sum, count = sums.tolist()
@@ -442,7 +461,9 @@ class Adversary:
     def __init__(self, cfg, device, dtype, world):
         self.kind = cfg.adversarial_loss
         self.device, self.dtype = device, dtype
-        self.net = PatchDiscriminator(in_channels=cfg.channels + 1).to(device)
+        # sees the image and the mask's F foreground channels (1 when binary)
+        classes = cfg.num_classes - 1 if cfg.num_classes > 2 else 1
+        self.net = PatchDiscriminator(in_channels=cfg.channels + classes).to(device)
         self.wrapped = self.net if world == 1 else torch.nn.parallel.DistributedDataParallel(
             self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.disc_lr,
@@ -553,7 +574,7 @@ def build_loaders(cfg, device):
         synthetic_sizes=(cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_test),
         **dataset_options(cfg))
     if cfg.loss_boundary or cfg.loss_hausdorff:
-        datasets["train"] = WithDistanceMaps(datasets["train"])  # computed in the workers
+        datasets["train"] = WithDistanceMaps(datasets["train"], cfg.num_classes)  # in workers
     workers = None if cfg.num_workers < 0 else cfg.num_workers
     train_loader = make_loader(datasets["train"], batch_per_rank, train=True,
                                distributed=world > 1, num_workers=workers, seed=cfg.seed,
@@ -574,7 +595,8 @@ def dataset_options(cfg):
         return {}
     return dict(mask_values=list(cfg.mask_values) or None, mask_threshold=cfg.mask_threshold,
                 mask_suffix=cfg.mask_suffix, allow_soft_masks=cfg.allow_soft_masks,
-                fit=cfg.fit)
+                fit=cfg.fit, num_classes=cfg.num_classes,
+                class_values=list(cfg.class_values) or None)
 
 
 def resolve_run_length(cfg, num_val):
@@ -684,8 +706,9 @@ def train_step(state, cfg, progress, batch):
     not finite and the step was skipped."""
     s, diffusion = state, state.diffusion
     image, mask, *extra = (x.to(s.device, non_blocking=True) for x in batch)
-    distances = extra[0] if extra else None                   # (B, 1, H, W)
-    x0 = mask * 2 - 1                                         # (B, 1, H, W) in {-1, 1}
+    distances = extra[0] if extra else None                   # (B, F, H, W)
+    x0 = diffusion.encode(mask)                               # (B, M, H, W) in {-1, 1}
+    truth = diffusion.foreground(diffusion.one_hot(mask))     # (B, F, H, W) in {0, 1}
     t = diffusion.sample_timesteps(x0.shape[0], device=s.device)
     x_t, noise = diffusion.noise_image(x0, t)                 # fp32 schedule math
     x0_prev = None
@@ -696,13 +719,13 @@ def train_step(state, cfg, progress, batch):
         with torch.no_grad(), autocast(s.device, s.dtype):
             first = s.model(diffusion.model_input(x_t, image), t)
         x0_prev, _ = diffusion.predict_x0_eps(x_t, t, first.float())  # detached, clipped
-    x_in = diffusion.model_input(x_t, image, x0_prev)        # (B, 1 [+ 1] + C, H, W)
+    x_in = diffusion.model_input(x_t, image, x0_prev)        # (B, M [+ M] + C, H, W)
     if s.channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
     with autocast(s.device, s.dtype):
-        output = s.model(x_in, t)                             # (B, 1, H, W)
+        output = s.model(x_in, t)                             # (B, M, H, W)
     loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
-                          diffusion=diffusion, x_t=x_t, t=t, mask=mask, image=image, cfg=cfg,
+                          diffusion=diffusion, x_t=x_t, t=t, mask=truth, image=image, cfg=cfg,
                           distances=distances,
                           discriminator=s.adversary.frozen() if s.adversary else None)
     s.optimizer.zero_grad(set_to_none=True)
@@ -728,7 +751,8 @@ def train_step(state, cfg, progress, batch):
     s.ema.update(s.raw_model, progress.step)
     if s.adversary is not None:
         fake, _ = diffusion.predict_x0_eps(x_t, t, output.detach().float())
-        parts["critic"] = s.adversary.step(image, mask, (fake + 1) / 2)
+        parts["critic"] = s.adversary.step(image, truth,
+                                           diffusion.foreground(diffusion.probabilities(fake)))
     return loss, parts
 
 

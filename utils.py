@@ -15,10 +15,12 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from dataset import FIT_MODES
-from DDPM import LOSS_WEIGHTINGS, PREDICTION_TYPES, SCHEDULES, TIMESTEP_SAMPLING, Diffusion
+from DDPM import (LOSS_WEIGHTINGS, PREDICTION_TYPES, REPRESENTATIONS, SCHEDULES,
+                  TIMESTEP_SAMPLING, Diffusion, mask_channels)
 from model import MODELS, build_model
 
 CHECKPOINT_VERSION = 1
@@ -27,9 +29,11 @@ CHECKPOINT_VERSION = 1
 # only be loaded, or a run resumed, when these match. The UNet2D fields count only for it.
 UNET_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolutions",
              "dropout")
-DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction", "self_condition")
+DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction", "self_condition",
+                  "num_classes", "representation")
 # model keys added after checkpoints were already being written: what an older one meant
-LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d", "self_condition": False}
+LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d", "self_condition": False,
+                    "num_classes": 2, "representation": "onehot"}
 
 
 def model_keys(config):
@@ -69,6 +73,10 @@ class TrainConfig:
     mask_values: tuple = _opt((), "stored mask values that are foreground (e.g. --mask-values "
                                    "255, or 1 2 for two labels of a label map); "
                                    "none: threshold at --mask-threshold")
+    num_classes: int = _opt(2, "classes, background included: 2 = a binary mask; K > 2 = a "
+                               "label map with values 0..K-1 (or --class-values)")
+    class_values: tuple = _opt((), "the K stored values of a label map, in class order (e.g. "
+                                    "--class-values 0 150 200 250); none: values 0..K-1")
     mask_threshold: float = _opt(0.5, "foreground where the mask is >= this fraction of "
                                       "full scale (without --mask-values)")
     mask_suffix: str = _opt("", "ending of mask file names after the image's name "
@@ -101,6 +109,9 @@ class TrainConfig:
     loss_weighting: str = _opt("none", "weight of the diffusion loss over timesteps "
                                        "(min_snr: Hang et al. 2023)", choices=LOSS_WEIGHTINGS)
     min_snr_gamma: float = _opt(5.0, "gamma of --loss-weighting min_snr")
+    representation: str = _opt("onehot", "a label map of K > 2 classes in diffusion space: K "
+                                         "one-hot channels, or ceil(log2 K) analog bits (Chen "
+                                         "et al. 2022)", choices=REPRESENTATIONS)
     # optimisation
     epochs: int = _opt(0, "cap on passes over the training data; 0 = none")
     max_steps: int = _opt(0, "cap on optimiser steps; 0 = none")
@@ -143,6 +154,9 @@ class TrainConfig:
     loss_boundary: float = _opt(0.0, "weight of the boundary loss (Kervadec et al. 2019)")
     loss_hausdorff: float = _opt(0.0, "weight of the Hausdorff distance-transform loss")
     loss_adversarial: float = _opt(0.0, "weight of the PatchGAN adversarial term")
+    term_weighting: str = _opt("abar", "how the terms above weigh each timestep: abar_t "
+                                       "(near 0 at high noise) or uniform (1 at every t)",
+                               choices=("abar", "uniform"))
     adversarial_loss: str = _opt("hinge", "adversarial objective",
                                  choices=("hinge", "nonsaturating"))
     disc_lr: float = _opt(2e-4, "learning rate of the discriminator")
@@ -153,6 +167,21 @@ class TrainConfig:
         self.channel_mults = tuple(self.channel_mults)
         self.attention_resolutions = tuple(self.attention_resolutions)
         self.mask_values = tuple(int(v) for v in self.mask_values)
+        self.class_values = tuple(int(v) for v in self.class_values)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes counts background too and must be >= 2, "
+                             f"got {self.num_classes}")
+        if self.num_classes > 2 and self.mask_values:
+            raise ValueError("--mask-values picks the foreground of a binary mask; a label map "
+                             "of --num-classes > 2 maps its stored values with --class-values")
+        if self.num_classes > 2 and self.data is None:
+            raise ValueError("the built-in synthetic set is binary: give --data with label "
+                             "maps for --num-classes > 2")
+        if self.class_values and (self.num_classes == 2
+                                  or len(set(self.class_values)) != self.num_classes):
+            raise ValueError(f"--class-values lists the {self.num_classes} distinct stored "
+                             f"values of a label map of --num-classes > 2, in class order; got "
+                             f"{list(self.class_values)} (a binary mask takes --mask-values)")
         for f in dataclasses.fields(self):
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
@@ -389,14 +418,18 @@ def build_model_and_diffusion(config):
         opts = {k: tuple(config[k]) if isinstance(config[k], list) else config[k]
                 for k in UNET_KEYS}
     self_condition = config.get("self_condition", False)
-    model = build_model(name, in_channels=config["channels"] + 1 + self_condition,
-                        out_channels=1, **opts)
+    num_classes = config.get("num_classes", 2)
+    representation = config.get("representation", "onehot")
+    m = mask_channels(num_classes, representation)
+    model = build_model(name, in_channels=config["channels"] + m * (1 + self_condition),
+                        out_channels=m, **opts)
     diffusion = Diffusion(config["timesteps"], schedule=config["schedule"],
                           prediction=config["prediction"], shift=config["schedule_shift"],
                           self_condition=self_condition,
                           timestep_sampling=config.get("timestep_sampling", "uniform"),
                           loss_weighting=config.get("loss_weighting", "none"),
-                          min_snr_gamma=config.get("min_snr_gamma", 5.0))
+                          min_snr_gamma=config.get("min_snr_gamma", 5.0),
+                          num_classes=num_classes, representation=representation)
     return model, diffusion
 
 
@@ -631,6 +664,9 @@ def mask_metrics(pred, truth, spacing=1.0, tolerance=2.0):
         truth is empty too).
     hd95: 95th percentile of the boundary distances in both directions pooled, in pixels
         times `spacing` (a float, or (row, col) spacing), as in MedPy.
+    hd95_max: the larger of the two directed 95th percentiles, as MONAI's
+        compute_hausdorff_distance(percentile=95): it reads higher than hd95 when one
+        boundary strays further from the other than the other does from it.
     assd: average symmetric surface distance: the mean of the two directed mean distances.
     boundary_f1: F1 of boundary pixels that lie within `tolerance` (same units) of the other
         mask's boundary (Csurka et al. 2013).
@@ -645,13 +681,13 @@ def mask_metrics(pred, truth, spacing=1.0, tolerance=2.0):
     tp = float((pred & truth).sum())
     n_pred, n_truth = float(pred.sum()), float(truth.sum())
     if n_pred == 0 and n_truth == 0:
-        return dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0, hd95=0.0, assd=0.0,
-                    boundary_f1=1.0)
+        return dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0, hd95=0.0, hd95_max=0.0,
+                    assd=0.0, boundary_f1=1.0)
     scores = dict(dice=2 * tp / (n_pred + n_truth), iou=tp / (n_pred + n_truth - tp),
                   precision=tp / n_pred if n_pred else 0.0,
                   recall=tp / n_truth if n_truth else 0.0)
     if n_pred == 0 or n_truth == 0:
-        return dict(scores, hd95=math.nan, assd=math.nan, boundary_f1=0.0)
+        return dict(scores, hd95=math.nan, hd95_max=math.nan, assd=math.nan, boundary_f1=0.0)
     d_pt = _surface_distances(pred, truth, spacing)      # pred boundary -> truth boundary
     d_tp = _surface_distances(truth, pred, spacing)
     both = np.concatenate([d_pt, d_tp])
@@ -659,6 +695,7 @@ def mask_metrics(pred, truth, spacing=1.0, tolerance=2.0):
     b_recall = float((d_tp <= tolerance).mean())
     b_f1 = 2 * b_precision * b_recall / (b_precision + b_recall) if b_precision + b_recall else 0.0
     return dict(scores, hd95=float(np.percentile(both, 95)),
+                hd95_max=float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))),
                 assd=float((d_pt.mean() + d_tp.mean()) / 2), boundary_f1=b_f1)
 
 
@@ -674,28 +711,51 @@ def overlap_scores(pred, truth):
     return dice, iou
 
 
+def class_overlap(pred, truth, num_classes=2):
+    """Batched Dice and IoU of label maps (B, ..., H, W) holding class indices, shape (B,)
+    each: per image, the mean over the foreground classes 1..K-1 of that class's overlap_scores
+    (a class absent from both scores 1). K=2: the overlap of the foreground."""
+    scores = [overlap_scores(pred == k, truth == k) for k in range(1, num_classes)]
+    return (torch.stack([dice for dice, _ in scores]).mean(0),
+            torch.stack([iou for _, iou in scores]).mean(0))
+
+
 # -------------------------------------------------------------------- ensembles
 FUSIONS = ("mean", "vote", "staple")
 
 
 def fuse_samples(probs, method="mean", threshold=0.5):
-    """Fuse K sampled masks per image, (B, K, H, W) probabilities -> (B, 1, H, W) in [0, 1].
+    """Fuse S sampled masks per image.
 
-    mean:   the mean probability.
-    vote:   the fraction of samples above `threshold` (above 0.5 = a strict majority).
-    staple: STAPLE's posterior foreground probability (Warfield et al. 2004), treating each
-            thresholded sample as a rater of unknown sensitivity and specificity.
+    Binary: (B, S, H, W) foreground probabilities -> (B, 1, H, W) in [0, 1].
+        mean:   the mean probability.
+        vote:   the fraction of samples above `threshold` (above 0.5 = a strict majority).
+        staple: STAPLE's posterior foreground probability (Warfield et al. 2004), treating
+                each thresholded sample as a rater of unknown sensitivity and specificity.
+    K classes: (B, S, K, H, W) class probabilities -> (B, K, H, W), a distribution per pixel.
+        mean:   the mean class distribution (arg-max it for labels).
+        vote:   the fraction of samples whose arg-max is each class (its arg-max is the
+                per-pixel majority, ties to the lower class index).
+        staple: refused (multi-label STAPLE is not implemented).
     """
+    if method not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {method!r}")
+    if probs.ndim == 5:
+        if method == "mean":
+            return probs.mean(1)
+        if method == "vote":
+            votes = F.one_hot(probs.argmax(2), probs.shape[2])          # (B, S, H, W, K)
+            return votes.float().mean(1).permute(0, 3, 1, 2)
+        raise ValueError("--fusion staple is binary STAPLE; for label maps of K > 2 classes "
+                         "use --fusion mean or vote")
     if method == "mean":
         return probs.mean(1, keepdim=True)
     if method == "vote":
         return (probs > threshold).float().mean(1, keepdim=True)
-    if method == "staple":
-        b, k, h, w = probs.shape
-        decisions = (probs > threshold).reshape(b, k, h * w).cpu()  # a small EM: CPU, no syncs
-        fused = torch.stack([staple(d) for d in decisions]).reshape(b, 1, h, w)
-        return fused.to(device=probs.device, dtype=probs.dtype)
-    raise ValueError(f"fusion must be one of {FUSIONS}, got {method!r}")
+    b, k, h, w = probs.shape
+    decisions = (probs > threshold).reshape(b, k, h * w).cpu()  # a small EM: CPU, no syncs
+    fused = torch.stack([staple(d) for d in decisions]).reshape(b, 1, h, w)
+    return fused.to(device=probs.device, dtype=probs.dtype)
 
 
 def staple(decisions, max_iter=100, tol=1e-7):
@@ -730,9 +790,17 @@ def staple(decisions, max_iter=100, tol=1e-7):
 
 
 def uncertainty_maps(probs):
-    """Per-pixel uncertainty of K samples, (B, K, H, W) -> dict of (B, 1, H, W) maps:
-    variance of the sampled probabilities, and the binary entropy (bits, in [0, 1]) of
-    their mean."""
+    """Per-pixel uncertainty of S samples -> dict of (B, 1, H, W) maps.
+
+    Binary, (B, S, H, W): the variance of the sampled probabilities, and the binary entropy
+    (bits, in [0, 1]) of their mean. K classes, (B, S, K, H, W): the variance averaged over
+    classes, and the entropy of the mean class distribution normalised by log K (in [0, 1];
+    for K=2 the same as the binary entropy in bits)."""
+    if probs.ndim == 5:
+        mean = probs.mean(1)                                               # (B, K, H, W)
+        entropy = -torch.special.xlogy(mean, mean).sum(1, keepdim=True) / math.log(probs.shape[2])
+        return {"variance": probs.var(1, unbiased=False).mean(1, keepdim=True),
+                "entropy": entropy.clamp(0, 1)}
     mean = probs.mean(1, keepdim=True).clamp(0, 1)
     # xlogy: exactly 0 at 0 and 1 and symmetric in p <-> 1 - p (a clamp to [eps, 1 - eps]
     # in float32 is not, and would rank all-foreground pixels above all-background ones)

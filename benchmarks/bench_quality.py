@@ -11,13 +11,17 @@ count is chosen on the validation split here (one sample, highest Dice). The ens
 uncertainty (pixel-error AUROC, entropy on wrong and right pixels) and calibration (ECE)
 are reported beside its Dice; evaluate.py's files for both rows land under --out.
 Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained on the same
-augmented loader with BCE + soft Dice for the same wall-clock minutes, with the same EMA and
-the same --flags (batch size, learning rate, width, ...); the EMA weights of its best
-validation Dice are scored. Both on the test split, threshold 0.5.
+augmented loader with BCE + soft Dice (label maps of --num-classes K > 2: cross-entropy +
+soft Dice over the foreground classes, K output channels) for the same wall-clock minutes,
+with the same EMA and the same --flags (batch size, learning rate, width, ...); the EMA
+weights of its best validation Dice are scored. Both on the test split, threshold 0.5 (or
+arg-max); for K > 2 Dice is the mean over foreground classes, with each class's beside it.
 
 The baseline trains in fp32 on the CPU: the comparison is meant for a CPU machine. On a GPU
 box, hide the GPU (CUDA_VISIBLE_DEVICES=) or DDPM-v2 gets it and the baseline does not.
-Each bench_quality run needs its own --out (main.py refuses a folder that holds a run).
+Each bench_quality run needs its own --out (main.py refuses a folder that holds a run);
+--reuse-ddpm scores the DDPM-v2 run already in --out/ddpm (one that ended: its last.pt says
+why it stopped) instead of training it again, e.g. after the baseline was interrupted.
 """
 import argparse
 import json
@@ -36,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 import main as launcher  # noqa: E402
 from dataset import ContourDataset, build_datasets, make_loader, set_epoch  # noqa: E402
-from evaluate import evaluate, predict  # noqa: E402
+from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
-from train_utils import EMA, soft_dice_loss  # noqa: E402
-from utils import (load_checkpoint, mask_metrics, overlap_scores, read_checkpoint,  # noqa: E402
+from train_utils import EMA, dataset_options, soft_dice_loss  # noqa: E402
+from utils import (class_overlap, load_checkpoint, read_checkpoint,  # noqa: E402
                    seed_everything)
 
 # main.py flags the benchmark sets itself, for both models
@@ -51,7 +55,8 @@ class Deterministic(torch.nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.unet = UNet2D(in_channels=cfg.channels, out_channels=1,
+        self.unet = UNet2D(in_channels=cfg.channels,
+                           out_channels=1 if cfg.num_classes == 2 else cfg.num_classes,
                            base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
                            num_res_blocks=cfg.num_res_blocks,
                            attention_resolutions=cfg.attention_resolutions, dropout=cfg.dropout)
@@ -64,7 +69,8 @@ def train_baseline(cfg, minutes):
     """Train for `minutes` of wall time; return the EMA model at its best val Dice."""
     seed_everything(cfg.seed)
     data = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                          val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment)
+                          val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
+                          **dataset_options(cfg))
     loader = make_loader(data["train"], cfg.batch_size, train=True, seed=cfg.seed)
     val = torch.utils.data.DataLoader(data["val"], batch_size=64)
     model = Deterministic(cfg)
@@ -80,9 +86,7 @@ def train_baseline(cfg, minutes):
         for image, mask in loader:
             if time.time() - start > 60 * minutes:
                 break
-            logits = model(image)
-            loss = (F.binary_cross_entropy_with_logits(logits, mask)
-                    + soft_dice_loss(torch.sigmoid(logits), mask).mean())
+            loss = baseline_loss(model(image), mask, cfg.num_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -92,7 +96,8 @@ def train_baseline(cfg, minutes):
             ema.update(model, step)
         epoch += 1
         with torch.no_grad():
-            dice = torch.cat([overlap_scores(ema.model(image) > 0, mask > 0.5)[0]
+            dice = torch.cat([class_overlap(labels(ema.model(image), cfg.num_classes),
+                                            mask.round().long(), cfg.num_classes)[0]
                               for image, mask in val]).mean().item()
         if dice > best_dice:
             best_dice = dice
@@ -101,14 +106,36 @@ def train_baseline(cfg, minutes):
     return ema.model, {"epochs": epoch, "steps": step, "best_val_dice": best_dice}
 
 
-def score(predict_fn, test, batch_size=32):
+def baseline_loss(logits, mask, num_classes):
+    """BCE + soft Dice (binary), or cross-entropy + soft Dice over the foreground classes."""
+    if num_classes == 2:
+        return (F.binary_cross_entropy_with_logits(logits, mask)
+                + soft_dice_loss(torch.sigmoid(logits), mask).mean())
+    target = mask.round().long()[:, 0]                                    # (B, H, W)
+    one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
+    return (F.cross_entropy(logits, target)
+            + soft_dice_loss(logits.softmax(1)[:, 1:], one_hot[:, 1:]).mean())
+
+
+def labels(logits, num_classes):
+    """(B, 1, H, W) label maps from the baseline's logits."""
+    return (logits > 0).long() if num_classes == 2 else logits.argmax(1, keepdim=True)
+
+
+def score(predict_fn, test, num_classes=2, batch_size=32):
+    """Mean over test images of Dice, IoU, HD95 (each the foreground-class mean), and
+    each class's Dice when K > 2. predict_fn: images -> (B, 1, H, W) label maps."""
     rows = []
     for i in range(0, len(test), batch_size):
         image, mask = map(torch.stack, zip(*[test[j] for j in range(i, min(i + batch_size, len(test)))]))
-        pred = predict_fn(image) > 0.5
-        rows += [mask_metrics(p[0].numpy(), m[0].numpy() > 0.5) for p, m in zip(pred, mask)]
+        pred = predict_fn(image)
+        rows += [image_metrics(p[0].numpy(), m[0].round().long().numpy(), num_classes)
+                 for p, m in zip(pred, mask)]
     mean = lambda k: float(np.nanmean([r[k] for r in rows]))  # noqa: E731
-    return {"dice": mean("dice"), "iou": mean("iou"), "hd95": mean("hd95")}
+    result = {"dice": mean("dice"), "iou": mean("iou"), "hd95": mean("hd95")}
+    if num_classes > 2:
+        result["dice_per_class"] = {str(k): mean(f"dice_{k}") for k in range(1, num_classes)}
+    return result
 
 
 def choose_steps(model, diffusion, cfg, candidates, seed):
@@ -118,12 +145,14 @@ def choose_steps(model, diffusion, cfg, candidates, seed):
     if len(candidates) == 1:
         return candidates[0], {}
     val = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
-                         val_fraction=cfg.val_fraction, seed=cfg.seed, augment=False)["val"]
+                         val_fraction=cfg.val_fraction, seed=cfg.seed, augment=False,
+                         **dataset_options(cfg))["val"]
     dice = {}
     for steps in candidates:
         generator = torch.Generator().manual_seed(seed)
-        dice[steps] = score(lambda image: predict(model, diffusion, image, steps,
-                                                  generator=generator)[0], val)["dice"]
+        dice[steps] = score(lambda image: predicted_labels(
+            predict(model, diffusion, image, steps, generator=generator)[0],
+            diffusion.num_classes), val, diffusion.num_classes)["dice"]
     return max(sorted(candidates), key=lambda s: dice[s]), dice
 
 
@@ -139,6 +168,8 @@ def main():
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--reuse-ddpm", action="store_true",
+                        help="score the finished DDPM-v2 run in OUT/ddpm, do not train it")
     parser.add_argument("--flags", default="",
                         help='main.py training flags for both models (the baseline reads '
                              'the data, batch, optimiser, EMA and model ones, not '
@@ -162,12 +193,19 @@ def main():
     cfg, _ = launcher.parse_args(["--data", args.data, "--image-size", str(args.image_size),
                                   "--seed", str(args.seed), "--out", str(out / "ddpm"), *flags])
     test = ContourDataset(args.data, split="test", image_size=args.image_size,
-                          channels=cfg.channels)
+                          channels=cfg.channels, **dataset_options(cfg))
 
-    subprocess.run([sys.executable, "main.py", "--data", args.data, "--image-size",
+    if args.reuse_ddpm:
+        last = read_checkpoint(out / "ddpm" / "last.pt")
+        if not last.get("wall_seconds"):   # set by finish_run at the end of every run
+            sys.exit(f"--reuse-ddpm: {out / 'ddpm'} holds no finished run")
+        print(f"reusing {out / 'ddpm'}: step {last['step']}, "
+              f"{last['wall_seconds'] / 60:.1f} minutes")
+    else:
+        subprocess.run([sys.executable, "main.py", "--data", args.data, "--image-size",
                     str(args.image_size), "--max-minutes", str(args.minutes), "--seed",
-                    str(args.seed), "--out", str(out / "ddpm"), *flags, *ddpm_flags], cwd=ROOT,
-                   check=True)
+                        str(args.seed), "--out", str(out / "ddpm"), *flags, *ddpm_flags],
+                       cwd=ROOT, check=True)
     model, diffusion, ddpm_cfg = load_checkpoint(out / "ddpm" / "best_iou.pt")
     stored = read_checkpoint(out / "ddpm" / "best_iou.pt")
     if args.steps is None:
@@ -186,10 +224,15 @@ def main():
             "dice": m["dice"]["mean"], "iou": m["iou"]["mean"], "hd95": m["hd95"]["mean"],
             "auroc": u["auroc_for_pixel_error"], "entropy_wrong": u["mean_on_wrong_pixels"],
             "entropy_right": u["mean_on_right_pixels"], "ece": metrics["calibration"]["ece"]}
+        if "per_class" in metrics:
+            results[f"DDPM-v2 K={k}"]["dice_per_class"] = {
+                c: v["dice"]["mean"] for c, v in metrics["per_class"].items()}
 
     baseline, info = train_baseline(cfg, args.minutes)
     with torch.no_grad():
-        results["U-Net (BCE + Dice)"] = score(lambda image: torch.sigmoid(baseline(image)), test)
+        name_b = "U-Net (BCE + Dice)" if cfg.num_classes == 2 else "U-Net (CE + Dice)"
+        results[name_b] = score(lambda image: labels(baseline(image), cfg.num_classes), test,
+                                cfg.num_classes)
 
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
           f"{len(test)} test images, DDPM-v2 sampled with {steps} DDIM steps")
@@ -199,10 +242,13 @@ def main():
         extra = (f" {r['auroc']:6.3f} {r['entropy_wrong']:7.3f} {r['entropy_right']:7.3f} "
                  f"{r['ece']:7.4f}" if "auroc" in r else "")
         print(f"{model_name:20s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}" + extra)
+        if "dice_per_class" in r:
+            print(" " * 21 + "Dice per class: " + "  ".join(
+                f"{c}: {d:.4f}" for c, d in r["dice_per_class"].items()))
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
               "seed": args.seed, "steps": steps, "val_dice_by_steps": val_dice, "flags": flags,
               "ddpm_flags": ddpm_flags,
-              "results": results,
+              "reused_ddpm": args.reuse_ddpm, "results": results,
               "baseline_training": info, "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")
