@@ -5,12 +5,15 @@ Read beside
   Nichol & Dhariwal 2021, "Improved DDPM"                          (eq. 17, cosine schedule)
   Song et al. 2021, "Denoising Diffusion Implicit Models"          (eq. 12, strided sampling)
   Salimans & Ho 2022, "Progressive Distillation"                   (v-prediction)
+  Chen et al. 2022, "Analog Bits"                                  (masks as bits)
 
 Masks live in diffusion space [-1, 1]: a binary mask as one channel, x0 = 2 * mask - 1; a
 label map of K > 2 classes as K one-hot channels or ceil(log2 K) analog bits (Chen et al.
 2022), each 2 * bit - 1 (`encode_labels`, and `class_probabilities` back). The model sees
 the noisy mask concatenated with the conditioning image, `model(model_input(x_t, image),
-t)`, with `t` the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v.
+t)`, with `t` the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v,
+or the logits of x0 ("x0_logits": x0 = 2 sigmoid(out) - 1, or 2 softmax(out) - 1 over
+one-hot channels, so the estimate is a probability and trains with cross-entropy).
 
 This file imports no other file of the project: a notebook that only samples needs it and
 `model.py`, not the trainer.
@@ -20,7 +23,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-PREDICTION_TYPES = ("eps", "x0", "v")
+PREDICTION_TYPES = ("eps", "x0", "v", "x0_logits")
 SCHEDULES = ("cosine", "linear")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "min_snr")
@@ -125,27 +128,37 @@ def encode_labels(labels, num_classes=2, representation="onehot"):
     return bits * 2 - 1
 
 
-def class_probabilities(x0, num_classes=2, representation="onehot", eps=1e-4):
+def class_probabilities(x0, num_classes=2, representation="onehot", normalise=True, eps=1e-4):
     """An estimate of x0, (B, M, H, W), as class probabilities.
 
     K=2: the foreground probability (x0 + 1) / 2 clipped to [0, 1], (B, 1, H, W).
-    K>2: a distribution over the K classes, (B, K, H, W), summing to 1. One-hot: each
-    channel's (x0 + 1) / 2, clipped and normalised (uniform where all are 0). Analog bits:
-    each bit is on with probability p_b = (x0_b + 1) / 2 (clipped to [eps, 1 - eps]),
+    K>2: a distribution over the K classes, (B, K, H, W). One-hot: each channel's (x0 + 1)
+    / 2, clipped (an x0-trained model's estimate of that class's probability, so they
+    already sum to about 1) and normalised (uniform where all are 0). Analog bits: each bit
+    is on with probability p_b = (x0_b + 1) / 2 (clipped to [eps, 1 - eps]),
     independently; class k gets the probability of its code, prod_b p_b^c_kb (1 -
     p_b)^(1 - c_kb), renormalised over the K valid codes (the 2^M - K unused ones hand
-    their mass to their neighbours)."""
+    their mass to the valid ones). normalise=False skips the normalisation: for the loss
+    terms, whose gradients it would blow up where every class is near 0."""
     p = ((x0.float() + 1) / 2).clamp(0, 1)
     if num_classes == 2:
         return p
     if representation == "onehot":
+        if not normalise:
+            return p
         total = p.sum(1, keepdim=True)
         uniform = torch.full_like(p, 1.0 / num_classes)
         return torch.where(total > 0, p / total.clamp(min=1e-12), uniform)
     codes = bit_codes(num_classes, x0.device)[None, :, :, None, None]     # (1, K, M, 1, 1)
     p = p.clamp(eps, 1 - eps)[:, None]                                   # (B, 1, M, H, W)
     probs = (codes * p + (1 - codes) * (1 - p)).prod(2)                  # (B, K, H, W)
-    return probs / probs.sum(1, keepdim=True)
+    return probs / probs.sum(1, keepdim=True) if normalise else probs
+
+
+def true_labels(mask, num_classes=2):
+    """A mask batch as the loader gives it, float (B, 1, H, W), as long class indices:
+    thresholded at 0.5 when binary, rounded when a label map."""
+    return (mask > 0.5).long() if num_classes == 2 else mask.round().long()
 
 
 def labels_from_probabilities(probs, num_classes=2, threshold=0.5):
@@ -261,7 +274,7 @@ class Diffusion:
             return torch.ones_like(alphas_cumprod)
         snr = alphas_cumprod / (1 - alphas_cumprod)
         clipped = snr.clamp(max=self.min_snr_gamma)
-        weight = {"x0": clipped, "eps": clipped / snr,
+        weight = {"x0": clipped, "x0_logits": clipped, "eps": clipped / snr,
                   "v": clipped / (snr + 1)}[self.prediction]   # |v error|^2 = (1 + SNR) |x0 error|^2
         return weight / weight.mean()
 
@@ -290,10 +303,10 @@ class Diffusion:
         """Label map or binary mask (B, 1, H, W) -> x0 in {-1, 1}, (B, M, H, W)."""
         return encode_labels(labels, self.num_classes, self.representation)
 
-    def probabilities(self, x0):
+    def probabilities(self, x0, normalise=True):
         """x0 estimate -> foreground probability (B, 1, H, W) if binary, else the class
         distribution (B, K, H, W); see class_probabilities."""
-        return class_probabilities(x0, self.num_classes, self.representation)
+        return class_probabilities(x0, self.num_classes, self.representation, normalise)
 
     def foreground(self, per_class):
         """The foreground channels of a binary map (B, 1, H, W: itself) or of a per-class
@@ -306,8 +319,8 @@ class Diffusion:
         the mask itself when binary, (B, K, H, W) one-hot otherwise."""
         if self.num_classes == 2:
             return labels.float()
-        return torch.nn.functional.one_hot(labels.round().long()[:, 0], self.num_classes
-                                           ).permute(0, 3, 1, 2).float()
+        return torch.nn.functional.one_hot(true_labels(labels, self.num_classes)[:, 0],
+                                           self.num_classes).permute(0, 3, 1, 2).float()
 
     # ----------------------------------------------------------------- forward process
     def sample_timesteps(self, n, device=None, generator=None):
@@ -357,10 +370,11 @@ class Diffusion:
 
     # ----------------------------------------------------- what the model is trained on
     def training_target(self, x0, noise, t):
-        """The regression target for the configured prediction type."""
+        """The regression target for the configured prediction type (x0_logits: x0 itself,
+        met through logits_loss, not a regression)."""
         if self.prediction == "eps":
             return noise
-        if self.prediction == "x0":
+        if self.prediction in ("x0", "x0_logits"):
             return x0.float()
         # v = sqrt(abar) eps - sqrt(1 - abar) x0  (Salimans & Ho 2022)
         return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
@@ -382,6 +396,9 @@ class Diffusion:
         elif self.prediction == "x0":
             x0 = out
             eps = (x_t - sqrt_ac * x0) / sqrt_1m_ac
+        elif self.prediction == "x0_logits":
+            x0 = self.logits_to_x0(out)
+            eps = (x_t - sqrt_ac * x0) / sqrt_1m_ac
         else:  # v
             x0 = sqrt_ac * x_t - sqrt_1m_ac * out
             eps = sqrt_1m_ac * x_t + sqrt_ac * out
@@ -389,6 +406,27 @@ class Diffusion:
             x0 = x0.clamp(-1.0, 1.0)
             eps = (x_t - sqrt_ac * x0) / sqrt_1m_ac
         return x0, eps
+
+    def logits_to_x0(self, logits):
+        """x0_logits: the network's output as x0 in [-1, 1]: 2 sigmoid - 1 per channel
+        (binary masks, analog bits), 2 softmax - 1 over one-hot channels."""
+        if self.num_classes > 2 and self.representation == "onehot":
+            return 2 * logits.softmax(1) - 1
+        return torch.tanh(logits / 2)                      # = 2 sigmoid(logits) - 1
+
+    def logits_loss(self, logits, x0):
+        """x0_logits: cross-entropy of the predicted logits against the clean mask x0 in
+        {-1, 1}, per image (B,): binary cross-entropy per channel (binary masks, analog
+        bits), or softmax cross-entropy over one-hot channels, mean over pixels."""
+        if self.num_classes > 2 and self.representation == "onehot":
+            return torch.nn.functional.cross_entropy(
+                logits.float(), x0.argmax(1), reduction="none").flatten(1).mean(1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), (x0.float() + 1) / 2, reduction="none").flatten(1).mean(1)
+
+    def comparable_output(self, model_output):
+        """The output in the units of training_target (x0_logits: as x0), for val MSE."""
+        return self.logits_to_x0(model_output) if self.prediction == "x0_logits" else model_output
 
     # ------------------------------------------------------------------- samplers
     def model_input(self, x_t, image, x0_prev=None):

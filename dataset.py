@@ -183,6 +183,13 @@ def label_map(raw, path, num_classes, class_values=None):
     with it, class_values[k] is the value stored for class k. A value outside those is
     refused, naming the file and the flag that fixes it. Absent classes are fine."""
     values = np.unique(raw)
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        raise DatasetError(f"mask {path} stores fractional values ({fractional[:3].tolist()} "
+                           f"...): a label map holds whole class numbers. Save it as an 8- "
+                           f"or 16-bit integer image.")
+    if num_classes > 256:
+        raise DatasetError(f"--num-classes {num_classes}: at most 256 classes are supported")
     if class_values is None:
         bad = values[(values < 0) | (values >= num_classes)]
         if bad.size:
@@ -336,13 +343,13 @@ def fit_square(image, mask, size, fit="pad"):
     return image, mask
 
 
-def train_augmentation():
+def train_augmentation(flips=True):
     """The joint training augmentation: flips and a small affine move image and mask together
-    (masks resample with nearest, so stay binary); the jitter touches images only (v2 leaves
-    `tv_tensors.Mask` alone)."""
+    (masks resample with nearest, so stay binary, or keep their labels); the jitter touches
+    images only (v2 leaves `tv_tensors.Mask` alone). flips=False leaves out the random
+    horizontal and vertical flips (for classes that are left or right of something)."""
     return v2.Compose([
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomVerticalFlip(0.5),
+        *([v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5)] if flips else []),
         v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1),
                         interpolation=v2.InterpolationMode.BILINEAR),
         v2.ColorJitter(brightness=0.2, contrast=0.2),
@@ -393,7 +400,7 @@ class ContourDataset(Dataset):
         With num_classes K > 2 a mask is a label map: values 0..K-1, or the K `class_values`
         in class order (see label_map); the contour is then the (1, S, S) class index map.
     image_size, fit: every pair becomes a square of `image_size`, see `fit_square`.
-    augment: True applies `train_augmentation()`; a callable taking and returning
+    augment: True applies `train_augmentation(flips)`; a callable taking and returning
         (tv_tensors.Image, tv_tensors.Mask) replaces it; False for validation and test.
 
     The scan decodes every image and mask once (in threads: Pillow decodes outside the GIL,
@@ -405,7 +412,8 @@ class ContourDataset(Dataset):
 
     def __init__(self, root, split="train", image_size=256, augment=False, channels=1,
                  mask_threshold=0.5, mask_values=None, *, fit="pad", mask_suffix="",
-                 allow_soft_masks=False, scan_threads=None, num_classes=2, class_values=None):
+                 allow_soft_masks=False, scan_threads=None, num_classes=2, class_values=None,
+                 flips=True):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if fit not in FIT_MODES:
@@ -430,7 +438,7 @@ class ContourDataset(Dataset):
         self.sizes, self.foreground_fractions = self._scan(pairs, allow_soft_masks, scan_threads)
         self.augment = augment
         self.augmentation = (augment if callable(augment)
-                             else train_augmentation() if augment else None)
+                             else train_augmentation(flips) if augment else None)
 
     def _scan(self, pairs, allow_soft_masks, scan_threads):
         threads = scan_threads or min(8, available_cpus())

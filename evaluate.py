@@ -41,6 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 from tqdm.auto import tqdm
 
+from DDPM import true_labels
 from dataset import (FIT_MODES, IMAGE_EXTENSIONS, DatasetError, fit_square, image_to_tensor,
                      load_split, read_array)
 from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
@@ -197,7 +198,7 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
                                       generator, amp, max_batch)
         fused, entropy = fused.cpu(), unc["entropy"].cpu()
         sampling_seconds += time.perf_counter() - start
-        truth = mask.round().long()                                   # (B, 1, H, W)
+        truth = true_labels(mask, num_classes)                        # (B, 1, H, W)
         pred = predicted_labels(fused, num_classes)
         for i in range(image.shape[0]):
             row = {"name": names[len(rows)] if names else str(len(rows))}
@@ -247,7 +248,9 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
             "both_empty": sum(r["pred_pixels"] == 0 == r["truth_pixels"] for r in rows),
             "note": "hd95/assd are NaN when exactly one of prediction and truth is empty: those "
                     "images are left out of the distance means (their 'n' is smaller) and "
-                    "counted here. Both empty scores dice 1, iou 1, distances 0.",
+                    "counted here. Both empty scores dice 1, iou 1, distances 0. For label "
+                    "maps these counts are of any foreground, and an image's mean distance "
+                    "is over the classes that have one (per_class counts each class's).",
         },
         "uncertainty": {
             "measure": ("binary entropy (bits) of the ensemble's mean probability"
@@ -421,7 +424,7 @@ def build_parser():
                         help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral "
                              "DDPM; default: the count the checkpoint's run chose on its val "
                              "split (25 for checkpoints without one)")
-    parser.add_argument("--ensemble", type=int, default=5, help="samples per image (K)")
+    parser.add_argument("--ensemble", type=int, default=5, help="samples per image")
     parser.add_argument("--fusion", default="mean", choices=FUSIONS)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"))
@@ -490,6 +493,9 @@ def main(argv=None):
     try:
         model, diffusion, config = load_checkpoint(args.checkpoint, weights=args.weights)
         state = read_checkpoint(args.checkpoint)
+        if diffusion.num_classes > 2 and args.fusion == "staple":
+            raise ValueError("--fusion staple is binary STAPLE; this checkpoint segments "
+                             f"{diffusion.num_classes} classes: use --fusion mean or vote")
         if args.steps is None:
             args.steps = state.get("sample_steps") or 25
         device = torch.device(args.device)

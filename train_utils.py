@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dataset import (MIN_VAL_IMAGES, WithDistanceMaps, build_datasets, make_loader, set_epoch,
                      signed_distance_map)
-from DDPM import Diffusion, labels_from_probabilities
+from DDPM import Diffusion, labels_from_probabilities, true_labels
 from model import PatchDiscriminator, check_registered
 from utils import (CheckpointError, Progress, build_model_and_diffusion, checkpoint_state,
                    class_overlap, find_resume_checkpoint, is_main, print0, read_checkpoint,
@@ -46,9 +46,9 @@ def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image, cfg,
     """The training loss. Returns (total, parts): a scalar to backpropagate and a dict of
     named, detached scalars; each part is a column of metrics.csv and shows in the bar.
 
-    model_output: (B, M, H, W) what the UNet predicts (eps, x0 or v, per diffusion.prediction),
-                  M mask channels in diffusion space (1 for a binary mask)
-    target:       (B, M, H, W) the same quantity, true value
+    model_output: (B, M, H, W) what the UNet predicts (eps, x0, v or x0's logits, per
+                  diffusion.prediction), M mask channels in diffusion space (1 if binary)
+    target:       (B, M, H, W) the same quantity, true value (x0 for x0_logits)
     x_t, t:       the noisy mask the model saw and its timesteps (B,)
     mask:         (B, F, H, W) true mask in {0, 1} per foreground class: F = 1 for a binary
                   mask, K-1 for K classes; image: (B, C, H, W) the condition
@@ -62,11 +62,16 @@ def loss_fn(model_output, target, *, diffusion, x_t, t, mask, image, cfg,
     term is computed class by class and averaged. A new term is two lines: compute it per
     image from `mask_pred`, weight it into `parts`.
     """
-    mse = F.mse_loss(model_output.float(), target, reduction="none").flatten(1).mean(1)  # (B,)
-    parts = {"mse": weighted(mse, diffusion.loss_weight(t))}   # 1, or min-SNR-gamma
+    if diffusion.prediction == "x0_logits":      # cross-entropy of the clean mask's logits
+        parts = {"ce": weighted(diffusion.logits_loss(model_output, target),
+                                diffusion.loss_weight(t))}
+    else:
+        mse = F.mse_loss(model_output.float(), target, reduction="none").flatten(1).mean(1)
+        parts = {"mse": weighted(mse, diffusion.loss_weight(t))}   # 1, or min-SNR-gamma
 
     x0, _ = diffusion.predict_x0_eps(x_t, t, model_output, clip=False)
-    mask_pred = diffusion.foreground(diffusion.probabilities(x0))  # (B, F, H, W) in [0, 1]
+    # (B, F, H, W) in [0, 1]; K > 2: not normalised over classes (bounded gradients)
+    mask_pred = diffusion.foreground(diffusion.probabilities(x0, normalise=False))
     # Weight each image by abar_t = SNR / (1 + SNR), in (0, 1]: near 1 at low noise, near 0
     # near pure noise, where an unconditional model's mask can only be a blur of the prior
     # and a sharp-mask term would reward guessing. Bounded, unlike the SNR itself. With a
@@ -417,12 +422,14 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
         x_t, _ = diffusion.noise_image(x0, t, noise)
         with autocast(device, dtype):
             out = ema_model(diffusion.model_input(x_t, image), t)
-        per_image = (out.float() - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
+        per_image = (diffusion.comparable_output(out.float())
+                     - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
         with autocast(device, dtype):
             probs = diffusion.sample(ema_model, image, steps=steps or cfg.eval_steps,
                                      noise=start, generator=gens[0])  # the ancestral sampler's later draws
         labels = labels_from_probabilities(probs, diffusion.num_classes)  # (B, 1, H, W)
-        dice, iou = class_overlap(labels, mask.round().long(), diffusion.num_classes)
+        dice, iou = class_overlap(labels, true_labels(mask, diffusion.num_classes),
+                                  diffusion.num_classes)
         sums += torch.stack([per_image.mean(1).sum(), iou.sum(), dice.sum(),
                              torch.tensor(float(len(index)), device=device)]).double()
         if vis is None:
@@ -596,7 +603,8 @@ def dataset_options(cfg):
     return dict(mask_values=list(cfg.mask_values) or None, mask_threshold=cfg.mask_threshold,
                 mask_suffix=cfg.mask_suffix, allow_soft_masks=cfg.allow_soft_masks,
                 fit=cfg.fit, num_classes=cfg.num_classes,
-                class_values=list(cfg.class_values) or None)
+                class_values=list(cfg.class_values) or None,
+                flips=cfg.flips == "on" or (cfg.flips == "auto" and cfg.num_classes == 2))
 
 
 def resolve_run_length(cfg, num_val):
@@ -751,8 +759,8 @@ def train_step(state, cfg, progress, batch):
     s.ema.update(s.raw_model, progress.step)
     if s.adversary is not None:
         fake, _ = diffusion.predict_x0_eps(x_t, t, output.detach().float())
-        parts["critic"] = s.adversary.step(image, truth,
-                                           diffusion.foreground(diffusion.probabilities(fake)))
+        parts["critic"] = s.adversary.step(
+            image, truth, diffusion.foreground(diffusion.probabilities(fake, normalise=False)))
     return loss, parts
 
 

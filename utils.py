@@ -63,6 +63,9 @@ class TrainConfig:
     image_size: int = _opt(64, "images and masks are resized to this square size")
     channels: int = _opt(1, "image channels the model sees: 1 grey, 3 RGB")
     augment: bool = _opt(True, "flips, small affine and intensity jitter on training images")
+    flips: str = _opt("auto", "random flips in --augment: auto = on for binary masks, off for "
+                              "label maps (--num-classes > 2), whose classes may be left or "
+                              "right of something, as the lungs are", choices=("auto", "on", "off"))
     val_fraction: float = _opt(-1.0, "fraction held back as val when the data has no val "
                                      "split (of train; of all pairs for a flat folder); -1 = "
                                      "the rule: 10%%, at least min(20 images, 20%%)")
@@ -101,7 +104,9 @@ class TrainConfig:
     schedule_shift: float = _opt(0.0, "divide the schedule's signal-to-noise ratio by "
                                       "shift^2 at every step; > 1 = noisier (large masks); "
                                       "0 = by --image-size (size_defaults)")
-    prediction: str = _opt("x0", "what the network predicts", choices=PREDICTION_TYPES)
+    prediction: str = _opt("x0", "what the network predicts (x0_logits: the clean mask's "
+                                 "logits, trained with cross-entropy)",
+                           choices=PREDICTION_TYPES)
     self_condition: bool = _opt(False, "self-conditioning (Chen et al. 2022): the network also "
                                        "sees its previous estimate of the mask")
     timestep_sampling: str = _opt("uniform", "density of training timesteps (logit_normal: "
@@ -174,6 +179,8 @@ class TrainConfig:
         if self.num_classes > 2 and self.mask_values:
             raise ValueError("--mask-values picks the foreground of a binary mask; a label map "
                              "of --num-classes > 2 maps its stored values with --class-values")
+        if self.num_classes == 2:
+            self.representation = "onehot"   # one channel either way; keep checkpoints alike
         if self.num_classes > 2 and self.data is None:
             raise ValueError("the built-in synthetic set is binary: give --data with label "
                              "maps for --num-classes > 2")

@@ -39,12 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main as launcher  # noqa: E402
+from DDPM import true_labels  # noqa: E402
 from dataset import ContourDataset, build_datasets, make_loader, set_epoch  # noqa: E402
 from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
 from train_utils import EMA, dataset_options, soft_dice_loss  # noqa: E402
-from utils import (class_overlap, load_checkpoint, read_checkpoint,  # noqa: E402
-                   seed_everything)
+from utils import (TrainConfig, class_overlap, load_checkpoint, model_keys,  # noqa: E402
+                   read_checkpoint, seed_everything)
 
 # main.py flags the benchmark sets itself, for both models
 OWN_FLAGS = ("--data", "--image-size", "--seed", "--out", "--max-minutes", "--resume")
@@ -97,7 +98,8 @@ def train_baseline(cfg, minutes):
         epoch += 1
         with torch.no_grad():
             dice = torch.cat([class_overlap(labels(ema.model(image), cfg.num_classes),
-                                            mask.round().long(), cfg.num_classes)[0]
+                                            true_labels(mask, cfg.num_classes),
+                                            cfg.num_classes)[0]
                               for image, mask in val]).mean().item()
         if dice > best_dice:
             best_dice = dice
@@ -111,7 +113,7 @@ def baseline_loss(logits, mask, num_classes):
     if num_classes == 2:
         return (F.binary_cross_entropy_with_logits(logits, mask)
                 + soft_dice_loss(torch.sigmoid(logits), mask).mean())
-    target = mask.round().long()[:, 0]                                    # (B, H, W)
+    target = true_labels(mask, num_classes)[:, 0]                        # (B, H, W)
     one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
     return (F.cross_entropy(logits, target)
             + soft_dice_loss(logits.softmax(1)[:, 1:], one_hot[:, 1:]).mean())
@@ -129,8 +131,9 @@ def score(predict_fn, test, num_classes=2, batch_size=32):
     for i in range(0, len(test), batch_size):
         image, mask = map(torch.stack, zip(*[test[j] for j in range(i, min(i + batch_size, len(test)))]))
         pred = predict_fn(image)
-        rows += [image_metrics(p[0].numpy(), m[0].round().long().numpy(), num_classes)
-                 for p, m in zip(pred, mask)]
+        truth = true_labels(mask, num_classes)
+        rows += [image_metrics(p[0].numpy(), m[0].numpy(), num_classes)
+                 for p, m in zip(pred, truth)]
     mean = lambda k: float(np.nanmean([r[k] for r in rows]))  # noqa: E731
     result = {"dice": mean("dice"), "iou": mean("iou"), "hd95": mean("hd95")}
     if num_classes > 2:
@@ -197,8 +200,14 @@ def main():
 
     if args.reuse_ddpm:
         last = read_checkpoint(out / "ddpm" / "last.pt")
-        if not last.get("wall_seconds"):   # set by finish_run at the end of every run
+        if last.get("sample_steps") is None:   # set by finish_run at the end of a run
             sys.exit(f"--reuse-ddpm: {out / 'ddpm'} holds no finished run")
+        stored = TrainConfig.from_dict(last["config"])
+        differ = [k for k in (*model_keys(cfg.to_dict()), "data", "image_size", "seed",
+                              "class_values", "mask_values")
+                  if getattr(stored, k) != getattr(cfg, k)]
+        if differ:
+            sys.exit(f"--reuse-ddpm: the run in {out / 'ddpm'} differs in {', '.join(differ)}")
         print(f"reusing {out / 'ddpm'}: step {last['step']}, "
               f"{last['wall_seconds'] / 60:.1f} minutes")
     else:

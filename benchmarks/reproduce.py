@@ -4,7 +4,7 @@
     python benchmarks/reproduce.py --parts lung jsrt  # some of them
 
 Run it alone on the machine: the parts are bounded by wall-clock minutes. On the project's
-2-core CPU machine the whole takes about 2 h 50 min. Parts:
+2-core CPU machine the whole takes about 3 h 30 min. Parts:
 
   lung     bench_quality.py, lung-ct-64 at 64 px, 10 minutes each side, seeds 0 and 1
   jsrt     bench_quality.py, jsrt-lungs at 128 px, 10 minutes each side, seeds 0 and 1
@@ -12,6 +12,8 @@ Run it alone on the machine: the parts are bounded by wall-clock minutes. On the
   small    main.py on the first 50 pairs (by name) of jsrt-lungs/train at 128 px for 10
            minutes: how many of them it trained (a small set must not stop early)
   demo     `python main.py` (synthetic contours, its 8-minute cap) and its val IoU
+  organs64 main.py + evaluate.py on jsrt-organs (4 classes) at 64 px, 10 minutes, seed 0
+  organs   bench_quality.py, jsrt-organs at 128 px, 10 minutes each side, seed 0
 
 Every DDPM-v2 run uses the defaults (no tuning flag), and is scored as evaluate.py scores
 it with no sampler flags: one sample and a K=5 ensemble with the DDIM steps the run chose.
@@ -30,7 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-PARTS = ("lung", "jsrt", "jsrt256", "small", "demo")
+PARTS = ("lung", "jsrt", "jsrt256", "small", "demo", "organs64", "organs")
+ORGANS = ["--num-classes", "4"]   # jsrt-organs: background, right lung, left lung, heart
 
 
 def commit():
@@ -52,9 +55,10 @@ def run_share(run_folder):
             "stopped_early": state.get("stopped_early"), "sample_steps": state.get("sample_steps")}
 
 
-def quality(data, size, minutes, seed, out):
+def quality(data, size, minutes, seed, out, flags=()):
     run([sys.executable, "benchmarks/bench_quality.py", "--data", data, "--image-size", size,
-         "--minutes", minutes, "--seed", seed, "--out", out])
+         "--minutes", minutes, "--seed", seed, "--out", out,
+         *([f"--flags={' '.join(flags)}"] if flags else [])])
     report = json.loads((Path(out) / "results.json").read_text())
     return {"results": report["results"], "steps": report["steps"],
             "ddpm_run": run_share(Path(out) / "ddpm")}
@@ -107,13 +111,27 @@ def main():
             run([sys.executable, "main.py", "--out", run_folder])
             state = torch.load(run_folder / "last.pt", weights_only=True)
             report["parts"][part] = {**run_share(run_folder), "best_val_iou": state["best_iou"]}
+        elif part == "organs64":
+            run_folder = out / "organs-64-seed0"
+            run([sys.executable, "main.py", "--data", DATA / "jsrt-organs", "--image-size", 64,
+                 "--max-minutes", 10, *ORGANS, "--out", run_folder])
+            run([sys.executable, "evaluate.py", "--checkpoint", run_folder / "best_iou.pt",
+                 "--data", DATA / "jsrt-organs", "--split", "test"])
+            metrics = json.loads((run_folder / "eval-best_iou" / "metrics.json").read_text())
+            report["parts"][part] = {**run_share(run_folder), "metrics": metrics["metrics"],
+                                     "per_class": metrics["per_class"],
+                                     "uncertainty": metrics["uncertainty"],
+                                     "ece": metrics["calibration"]["ece"]}
+        elif part == "organs":
+            report["parts"][part] = {"seed0": quality(str(DATA / "jsrt-organs"), 128, 10, 0,
+                                                      out / "organs-128-seed0", ORGANS)}
         path.write_text(json.dumps(report, indent=2))   # after every part: nothing is lost
 
     print(f"\nresults of {report['commit']}, {report['date']} (wrote {path})\n")
     print("| run | model | Dice | IoU | HD95 px | AUROC | ECE | DDIM steps | validation share |")
     print("|---|---|---|---|---|---|---|---|---|")
     for part, seeds in report["parts"].items():
-        if part in ("small", "demo"):
+        if part in ("small", "demo", "organs64"):
             continue
         for seed, r in seeds.items():
             share = r["ddpm_run"]["validation_share"]
@@ -123,7 +141,7 @@ def main():
                       f"{m.get('ece', float('nan')):.4f} | "
                       f"{r['steps'] if 'DDPM' in name else ''} | "
                       f"{f'{share:.0%}' if 'DDPM' in name and share is not None else ''} |")
-    for part in ("small", "demo"):
+    for part in ("small", "demo", "organs64"):
         if part in report["parts"]:
             print(f"{part}: {report['parts'][part]}")
 

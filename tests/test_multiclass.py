@@ -100,7 +100,25 @@ def test_augmentation_keeps_labels(tmp_path):
     for _ in range(10):
         _, contour = data[0]
         assert set(contour.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
-    assert isinstance(train_augmentation(), object)
+
+
+def test_flips_by_rule():
+    from train_utils import dataset_options
+    flips = lambda **kw: dataset_options(TrainConfig(data="x", **kw))["flips"]  # noqa: E731
+    assert flips() is True                         # binary masks: flipped as before
+    assert flips(num_classes=4) is False           # label maps: left stays left
+    assert flips(num_classes=4, flips="on") is True
+    assert flips(flips="off") is False
+    names = lambda t: [type(x).__name__ for x in t.transforms]  # noqa: E731
+    assert "RandomHorizontalFlip" in names(train_augmentation())
+    assert "RandomHorizontalFlip" not in names(train_augmentation(flips=False))
+
+
+def test_fractional_label_values_refused(tmp_path):
+    from dataset import label_map
+    with pytest.raises(DatasetError, match=r"m\.tif.*fractional"):
+        label_map(np.array([[0.0, 0.5], [1.0, 2.0]], np.float32), "m.tif", 3)
+    assert label_map(np.array([[0.0, 1.0], [2.0, 2.0]], np.float32), "m.tif", 3).max() == 2
 
 
 # ----------------------------------------------------------------------------- codings
@@ -138,6 +156,24 @@ def test_bits_probabilities_of_noisy_estimates():
     x0 = torch.tensor([1.0, 1.0]).reshape(1, 2, 1, 1)
     p = class_probabilities(x0, 3, "bits")[0, :, 0, 0]
     assert p.sum() == pytest.approx(1) and p.argmax() in (1, 2)
+
+
+@pytest.mark.parametrize("representation", ["onehot", "bits"])
+def test_loss_probabilities_have_bounded_gradients(representation):
+    """Where every class's estimate is near 0 (or an unused bit code), normalising would
+    divide by almost nothing; the loss uses the unnormalised probabilities."""
+    x0 = torch.tensor([-0.999998, -0.999998, -1.5]).reshape(1, 3, 1, 1)
+    if representation == "bits":
+        x0 = torch.tensor([0.9999, 0.9999]).reshape(1, 2, 1, 1)     # code 3 of K=3: unused
+    x0.requires_grad_(True)
+    d = Diffusion(10, num_classes=3, representation=representation)
+    d.probabilities(x0, normalise=False).sum().backward()
+    assert x0.grad.abs().max() <= 1.0
+
+
+def test_binary_representation_is_one_channel_whatever_the_flag():
+    assert TrainConfig(representation="bits").representation == "onehot"
+    assert mask_channels(2, "bits") == 1
 
 
 def test_sample_shapes():

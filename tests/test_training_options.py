@@ -133,3 +133,33 @@ def test_options_train_and_reload(tmp_path):
     assert diffusion.self_condition and config.loss_weighting == "min_snr"
     assert model.in_channels == 3
     assert diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("num_classes,representation", [(2, "onehot"), (4, "onehot"), (4, "bits")])
+def test_x0_logits_is_cross_entropy_of_a_probability(num_classes, representation):
+    """--prediction x0_logits: the estimate of x0 is 2 p - 1 with p a sigmoid (softmax over
+    one-hot channels) of the output, and the loss is the cross-entropy of p against the
+    clean mask: log 2 per pixel for zero logits on a binary mask or bits, log K over K
+    one-hot channels."""
+    d = Diffusion(50, prediction="x0_logits", num_classes=num_classes,
+                  representation=representation)
+    labels = torch.randint(0, num_classes, (3, 1, 6, 6)).float()
+    x0 = d.encode(labels)
+    zeros = torch.zeros_like(x0)
+    k = num_classes if representation == "onehot" and num_classes > 2 else 2
+    assert torch.allclose(d.logits_loss(zeros, x0), torch.full((3,), math.log(k)))
+    assert d.logits_loss(40 * x0, x0).max() < 1e-6               # sure and right
+    x_t, _ = d.noise_image(x0, torch.full((3,), 10))
+    x0_hat, _ = d.predict_x0_eps(x_t, torch.full((3,), 10), 40 * x0)
+    assert torch.allclose(x0_hat, x0, atol=1e-5)
+    assert torch.equal(d.comparable_output(40 * x0), d.logits_to_x0(40 * x0))
+
+
+def test_x0_logits_trains_binary(tmp_path):
+    cfg, _ = main.parse_args(TINY_FLAGS + ["--epochs", "1", "--prediction", "x0_logits",
+                                           "--loss-dice", "1", "--out", str(tmp_path / "run")])
+    result = train(cfg)
+    assert math.isfinite(result.progress.best_mse)
+    model, diffusion, _ = load_checkpoint(tmp_path / "run" / "best_iou.pt")
+    probs = diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2)
+    assert probs.shape == (2, 1, 16, 16) and 0 <= probs.min() and probs.max() <= 1
