@@ -496,6 +496,226 @@ class ContourDataset(Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).float()
 
 
+# ----------------------------------------------------------------------------- nnU-Net layout
+
+VOLUME_ENDINGS = (".nii.gz", ".nii")
+EMPTY_SLICE_FRACTION = 0.2    # default share of training slices with no foreground (volumes)
+PERCENTILES = (0.5, 99.5)     # default intensity clipping of a volume without --window
+
+
+def is_nnunet(root):
+    """True for nnU-Net's raw layout: dataset.json beside imagesTr/."""
+    return root is not None and (Path(root) / "dataset.json").is_file() and (
+        Path(root) / "imagesTr").is_dir()
+
+
+def read_dataset_json(root):
+    """nnU-Net's dataset.json, checked: {"channels": [names], "labels": [names in class
+    order], "file_ending": ".png" | ".nii.gz" | ...}. Labels must be the consecutive
+    integers 0..K-1 with 0 the background, as nnU-Net itself requires."""
+    import json
+    path = Path(root) / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e})") from None
+    missing = [k for k in ("channel_names", "labels", "file_ending") if k not in meta]
+    if missing:
+        raise DatasetError(f"{path} lacks {', '.join(missing)} (nnU-Net v2's dataset.json "
+                           f"names channel_names, labels and file_ending)")
+    labels = meta["labels"]
+    if not all(isinstance(v, int) for v in labels.values()):
+        raise DatasetError(f"{path}: labels must map each name to one integer (region-based "
+                           f"labels, lists of integers, are not supported)")
+    values = sorted(labels.values())
+    if values != list(range(len(values))) or len(values) < 2:
+        raise DatasetError(f"{path}: labels must be the consecutive integers 0..K-1 with "
+                           f"background 0, got {values}")
+    channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
+    names = sorted(labels, key=labels.get)
+    return {"channels": channels, "labels": names, "file_ending": meta["file_ending"]}
+
+
+def nnunet_cases(root, split, meta):
+    """[(case, [channel paths], label path or None)] of `split` ("train": imagesTr +
+    labelsTr; "test": imagesTs + labelsTs), sorted by case. Every case must have exactly
+    the channel files dataset.json names (`<case>_0000<ending>`, ...) and, where the labels
+    folder exists, its `<case><ending>`; a missing or extra file is refused, named."""
+    root, ending = Path(root), meta["file_ending"]
+    tag = {"train": "Tr", "test": "Ts"}[split]
+    images, labels = root / f"images{tag}", root / f"labels{tag}"
+    if not images.is_dir():
+        raise DatasetError(f"{root} has no images{tag}/ folder for --split {split}")
+    found = {}
+    for path in sorted(images.iterdir()):
+        if not path.name.endswith(ending):
+            continue
+        case, _, channel = path.name[:-len(ending)].rpartition("_")
+        if not case or len(channel) != 4 or not channel.isdigit():
+            raise DatasetError(f"{path}: image files are named <case>_<4-digit channel>{ending}")
+        found.setdefault(case, {})[int(channel)] = path
+    if not found:
+        raise DatasetError(f"{images} holds no <case>_0000{ending} files (dataset.json's "
+                           f"file_ending is {ending})")
+    n = len(meta["channels"])
+    cases = []
+    for case, channels in sorted(found.items()):
+        extra = sorted(set(channels) - set(range(n)))
+        if extra:
+            raise DatasetError(f"{channels[extra[0]]}: dataset.json's channel_names lists {n} "
+                               f"channel(s) (_0000 .. _{n - 1:04d}); add the channel there or "
+                               f"remove the file")
+        missing = [images / f"{case}_{c:04d}{ending}" for c in range(n) if c not in channels]
+        if missing:
+            raise DatasetError(f"{missing[0]} is missing: dataset.json's channel_names lists "
+                               f"{n} channel(s) for every case")
+        label = labels / f"{case}{ending}" if labels.is_dir() else None
+        if label is not None and not label.is_file():
+            raise DatasetError(f"{label} is missing: every image case needs its label file")
+        cases.append((case, [channels[c] for c in range(n)], label))
+    return cases
+
+
+def read_volume(path):
+    """One image or label file as stored: (array (H, W) or (X, Y, Z), spacing per axis,
+    full scale or None, nibabel image or None). NIfTI through nibabel (an optional
+    dependency), any 2-D format through Pillow (spacing 1)."""
+    path = Path(path)
+    if path.name.endswith(VOLUME_ENDINGS):
+        try:
+            import nibabel
+        except ImportError:
+            raise DatasetError(f"{path} is a NIfTI volume: reading it needs nibabel "
+                               f"(pip install nibabel)") from None
+        volume = nibabel.load(str(path))
+        array = np.asarray(volume.dataobj)
+        if array.ndim == 4 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3):
+            raise DatasetError(f"{path}: a volume of shape {array.shape}; one 2-D or 3-D "
+                               f"image per file is supported")
+        return array, tuple(float(z) for z in volume.header.get_zooms()[:array.ndim]), None, volume
+    array, full_scale = read_array(path)
+    if array.ndim == 3:
+        array = array.astype(np.float32) @ LUMA_WEIGHTS
+    return array, (1.0, 1.0), full_scale, None
+
+
+def intensity_to_unit(array, window=None, full_scale=None):
+    """Stored intensities -> float32 in [0, 1]: clipped to `window` (LOW, HIGH, e.g. HU)
+    and scaled; else a 2-D file's full scale; else the volume's PERCENTILES."""
+    array = array.astype(np.float32)
+    if window is not None:
+        low, high = window
+    elif full_scale is not None:
+        low, high = 0.0, full_scale
+    else:
+        low, high = np.percentile(array, PERCENTILES)
+    return np.clip((array - low) / max(high - low, 1e-6), 0, 1)
+
+
+def volume_slices(array, axis):
+    """(X, Y, Z) -> list of 2-D slices along `axis`; a 2-D array is one slice."""
+    if array.ndim == 2:
+        return [array]
+    return list(np.moveaxis(array, axis, 0))
+
+
+def stack_slices(slices, axis, ndim):
+    """volume_slices undone: bit-equal to the volume the slices came from."""
+    if ndim == 2:
+        return slices[0]
+    return np.moveaxis(np.stack(slices), 0, axis)
+
+
+class NnUNetDataset(Dataset):
+    """Slices of an nnU-Net raw data folder (dataset.json, imagesTr/, labelsTr/, optional
+    imagesTs/, labelsTs/), PNG/TIFF images or NIfTI volumes, as (image, contour) items.
+
+    Channels and classes come from dataset.json (channel_names; labels, 0 = background).
+    A volume is read slice-wise along `slice_axis` (default the last); intensities are
+    clipped to `window` (LOW, HIGH in stored units, HU for CT) or, without one, to each
+    volume's 0.5 and 99.5 percentiles (a 2-D file: its full scale). `empty_slice_fraction`
+    F: at most a fraction F of the slices have no foreground (a seeded choice of the empty
+    ones is dropped; None keeps every slice, as validation and test do). `cases`: the case
+    names to read (the train/val split is by case). Every case is read once at
+    construction, checked (label values must be among dataset.json's labels) and kept in
+    memory as resized slices (float16 images, uint8 labels); `slices` lists (case, index)
+    and `spacing` each case's voxel size from its header.
+    """
+
+    def __init__(self, root, split="train", image_size=64, augment=False, cases=None,
+                 slice_axis=-1, window=None, empty_slice_fraction=None, seed=0, fit="pad",
+                 flips=True):
+        self.root, self.split, self.image_size, self.fit = Path(root), split, image_size, fit
+        self.meta = read_dataset_json(root)
+        self.num_classes = len(self.meta["labels"])
+        self.channels = len(self.meta["channels"])
+        self.slice_axis, self.window = slice_axis, window
+        self.cases = [c for c in nnunet_cases(root, split, self.meta)
+                      if cases is None or c[0] in set(cases)]
+        self.spacing, self.shapes, self.slices = {}, {}, []
+        images, labels = [], []
+        for case, channel_paths, label_path in self.cases:
+            channels = []
+            for path in channel_paths:
+                array, spacing, full_scale, _ = read_volume(path)
+                channels.append(volume_slices(intensity_to_unit(array, window, full_scale),
+                                              slice_axis))
+            if label_path is None:
+                raise DatasetError(f"{self.root}: split {split} has no labels folder")
+            raw, _, _, _ = read_volume(label_path)
+            if raw.shape != array.shape:
+                raise DatasetError(f"{label_path} has shape {raw.shape}, its image "
+                                   f"{channel_paths[0]} {array.shape}")
+            values = np.unique(raw)
+            bad = values[(values < 0) | (values >= self.num_classes) | (values != np.round(values))]
+            if bad.size:
+                raise DatasetError(f"{label_path} stores value(s) {' '.join(map(str, bad[:5].tolist()))} "
+                                   f"that are not among dataset.json's labels (0 .. "
+                                   f"{self.num_classes - 1}: {', '.join(self.meta['labels'])})")
+            label_slices = volume_slices(raw.astype(np.uint8), slice_axis)
+            self.spacing[case] = spacing
+            self.shapes[case] = raw.shape
+            for k, label in enumerate(label_slices):
+                image = torch.from_numpy(np.stack([c[k] for c in channels]))
+                mask = torch.from_numpy(np.ascontiguousarray(label))[None]
+                image, mask = fit_square(image, mask, image_size, fit)
+                images.append(image.half())
+                labels.append(mask.to(torch.uint8))
+                self.slices.append((case, k))
+        keep = self._keep(labels, empty_slice_fraction, seed)
+        self.images = [images[i] for i in keep]
+        self.labels = [labels[i] for i in keep]
+        self.slices = [self.slices[i] for i in keep]
+        self.names = [f"{case}_{k:04d}" for case, k in self.slices]
+        self.augmentation = train_augmentation(flips) if augment else None
+
+    @staticmethod
+    def _keep(labels, fraction, seed):
+        """Indices of the slices to keep: every one with foreground, and of the empty ones
+        at most as many as make up `fraction` of the result (a seeded choice)."""
+        full = [i for i, m in enumerate(labels) if m.any()]
+        empty = [i for i, m in enumerate(labels) if not m.any()]
+        if fraction is None or not empty:
+            return list(range(len(labels)))
+        allowed = int(fraction / (1 - fraction) * len(full)) if fraction < 1 else len(empty)
+        chosen = np.random.default_rng(seed).permutation(empty)[:allowed].tolist()
+        return sorted(full + chosen)
+
+    def case_names(self):
+        return [case for case, _, _ in self.cases]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image, mask = self.images[index].float(), self.labels[index]
+        if self.augmentation is not None:
+            image, mask = self.augmentation(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).float()
+
+
 # ----------------------------------------------------------------------------- synthetic set
 
 class SyntheticContours(Dataset):
@@ -661,6 +881,9 @@ def build_datasets(data=None, image_size=64, channels=1, val_fraction=0.1, seed=
         return {name: SyntheticContours(n, image_size, seed=3 * seed + offset, channels=channels)
                 for offset, (name, n) in enumerate([("train", n_train), ("val", n_val),
                                                     ("test", n_test)])}
+    if is_nnunet(data):
+        return nnunet_datasets(data, image_size, val_fraction, seed, augment, **dataset_kwargs)
+    dataset_kwargs = {k: v for k, v in dataset_kwargs.items() if k not in VOLUME_OPTIONS}
     root = Path(data)
     common = dict(image_size=image_size, channels=channels, **dataset_kwargs)
     if (root / "images").is_dir() and not (root / "train" / "images").is_dir():
@@ -681,6 +904,30 @@ def build_datasets(data=None, image_size=64, channels=1, val_fraction=0.1, seed=
 
 
 
+VOLUME_OPTIONS = ("slice_axis", "window", "empty_slice_fraction")   # nnU-Net layout only
+NNUNET_OPTIONS = ("fit", "flips", *VOLUME_OPTIONS)
+
+
+def nnunet_datasets(data, image_size=64, val_fraction=0.1, seed=0, augment=True,
+                    **dataset_kwargs):
+    """build_datasets for nnU-Net's layout: val is a seeded `val_fraction` of the imagesTr
+    cases (by case, never by slice: no volume is in two splits), read whole; train the
+    other cases, with at most `empty_slice_fraction` empty slices; test is imagesTs +
+    labelsTs, or None. Mask options for PNG folders are ignored here (dataset.json says)."""
+    options = {k: v for k, v in dataset_kwargs.items() if k in NNUNET_OPTIONS}
+    empty = options.pop("empty_slice_fraction", EMPTY_SLICE_FRACTION)
+    meta = read_dataset_json(data)
+    names = [case for case, _, _ in nnunet_cases(data, "train", meta)]
+    val, train = split_indices(len(names), [val_fraction], seed)
+    common = dict(image_size=image_size, seed=seed, **options)
+    root = Path(data)
+    has_test = (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir()
+    return {"train": NnUNetDataset(data, "train", augment=augment, empty_slice_fraction=empty,
+                                   cases=[names[i] for i in train], **common),
+            "val": NnUNetDataset(data, "train", cases=[names[i] for i in val], **common),
+            "test": NnUNetDataset(data, "test", **common) if has_test else None}
+
+
 def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
                synthetic_sizes=(2000, 200, 200), test_fraction=0.1, **dataset_kwargs):
     """The `split` ("train", "val" or "test") of `data` as training drew it, read without
@@ -693,6 +940,21 @@ def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
     file stems (indices for the synthetic set).
     """
     root = None if data is None else Path(data)
+    if is_nnunet(root):
+        if split not in ("train", "val", "test"):
+            raise DatasetError(f"--split on nnU-Net's layout is train, val (held back from "
+                               f"imagesTr) or test (imagesTs + labelsTs); got {split!r}")
+        dataset = nnunet_datasets(data, image_size, val_fraction, seed, augment=False,
+                                  **dataset_kwargs)[split]
+        if dataset is None:
+            raise DatasetError(f"{data} has no imagesTs/ + labelsTs/ to score --split test on")
+        if split == "train":   # every slice, as scored, not the training subset of them
+            dataset = NnUNetDataset(data, "train", image_size, cases=dataset.case_names(),
+                                    seed=seed, **{k: v for k, v in dataset_kwargs.items()
+                                                  if k in NNUNET_OPTIONS and
+                                                  k != "empty_slice_fraction"})
+        return dataset
+    dataset_kwargs = {k: v for k, v in dataset_kwargs.items() if k not in VOLUME_OPTIONS}
     if root is not None and split not in ("train", "val") and (root / split / "images").is_dir():
         return ContourDataset(root, split=split, image_size=image_size, channels=channels,
                               **dataset_kwargs)

@@ -469,7 +469,8 @@ def scored_dataset(config, args):
                        mask_suffix=_given(args.mask_suffix, config.mask_suffix),
                        allow_soft_masks=_given(args.allow_soft_masks, config.allow_soft_masks),
                        fit=_given(args.fit, config.fit), num_classes=config.num_classes,
-                       class_values=list(config.class_values) or None)
+                       class_values=list(config.class_values) or None,
+                       slice_axis=config.slice_axis, window=tuple(config.window) or None)
     return load_split(data, args.split, image_size=config.image_size, channels=config.channels,
                       val_fraction=_given(args.val_fraction, config.val_fraction),
                       test_fraction=_given(args.test_fraction, config.test_fraction),

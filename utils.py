@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from dataset import FIT_MODES
+from dataset import EMPTY_SLICE_FRACTION, FIT_MODES, is_nnunet, read_dataset_json
 from DDPM import (LOSS_WEIGHTINGS, PREDICTION_TYPES, REPRESENTATIONS, SCHEDULES,
                   TIMESTEP_SAMPLING, Diffusion, mask_channels)
 from model import MODELS, build_model
@@ -90,6 +90,13 @@ class TrainConfig:
                            "centre", choices=FIT_MODES)
     test_fraction: float = _opt(0.1, "fraction held back as test split from a flat "
                                      "images/ + masks/ folder")
+    slice_axis: int = _opt(-1, "volumes (NIfTI): the axis they are sliced along")
+    window: tuple = _opt((), "volumes: intensity window LOW HIGH in stored units (HU for CT, "
+                             "e.g. --window -1000 400); none: each volume's 0.5-99.5 "
+                             "percentiles")
+    empty_slice_fraction: float = _opt(EMPTY_SLICE_FRACTION,
+                                       "nnU-Net layout: at most this fraction of the training "
+                                       "slices show no foreground (the rest are dropped)")
     # model
     model: str = _opt("unet2d", "backbone from model.MODELS: unet2d, convnext_tiny, resnet18, "
                                 "or one you registered; the five flags below are unet2d's")
@@ -179,6 +186,19 @@ class TrainConfig:
         if self.num_classes > 2 and self.mask_values:
             raise ValueError("--mask-values picks the foreground of a binary mask; a label map "
                              "of --num-classes > 2 maps its stored values with --class-values")
+        self.window = tuple(self.window)
+        if self.window and (len(self.window) != 2 or self.window[0] >= self.window[1]):
+            raise ValueError(f"--window takes LOW HIGH with LOW < HIGH, got {list(self.window)}")
+        if not 0 <= self.empty_slice_fraction <= 1:
+            raise ValueError(f"empty_slice_fraction must be in [0, 1], got {self.empty_slice_fraction}")
+        if is_nnunet(self.data):   # classes and channels: dataset.json says
+            meta = read_dataset_json(self.data)
+            for key, value, flag in (("num_classes", len(meta["labels"]), "--num-classes"),
+                                     ("channels", len(meta["channels"]), "--channels")):
+                if getattr(self, key) not in (value, 2 if key == "num_classes" else 1):
+                    raise ValueError(f"{flag} {getattr(self, key)}: {self.data}/dataset.json "
+                                     f"lists {value}")
+                setattr(self, key, value)
         if self.num_classes == 2:
             self.representation = "onehot"   # one channel either way; keep checkpoints alike
         if self.num_classes > 2 and self.data is None:

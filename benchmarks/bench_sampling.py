@@ -54,6 +54,9 @@ def main():
     args = parser.parse_args()
 
     model, diffusion, config = load_checkpoint(args.checkpoint)
+    if diffusion.num_classes > 2:
+        sys.exit(f"{args.checkpoint} segments {diffusion.num_classes} classes; this benchmark "
+                 "scores binary masks (use evaluate.py for label maps)")
     model = prepare_model(model, torch.device(args.device), args.compile)
     amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     data = ContourDataset(args.data, split=args.split, image_size=config.image_size,

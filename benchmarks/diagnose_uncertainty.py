@@ -49,6 +49,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model, diffusion, cfg = load_checkpoint(args.checkpoint)
+    if diffusion.num_classes > 2:
+        sys.exit(f"{args.checkpoint} segments {diffusion.num_classes} classes; this benchmark "
+                 "scores binary masks (use evaluate.py for label maps)")
     data = scored_dataset(cfg, evaluate_args(args.checkpoint, args.data, args.split))
     images, masks = map(torch.stack, zip(*[data[i] for i in range(len(data))]))
     fused, samples, unc = predict(model, diffusion, images, args.steps, ensemble=args.ensemble,

@@ -359,8 +359,16 @@ def test_checkpoint_from_before_backbones_loads_as_unet2d(tmp_path):
     train(cfg)
     state = torch.load(Path(cfg.out) / "last.pt", weights_only=True)
     for key in ("model", "mask_values", "mask_threshold", "mask_suffix", "allow_soft_masks",
-                "fit", "test_fraction"):
-        del state["config"][key]      # the config keys added with --model and the data flags
+                "fit", "test_fraction", "num_classes", "class_values", "representation",
+                "flips", "term_weighting"):
+        del state["config"][key]      # keys added with --model, the data flags, label maps
     torch.save(state, tmp_path / "old.pt")
-    model, _, config = load_checkpoint(tmp_path / "old.pt")
+    model, diffusion, config = load_checkpoint(tmp_path / "old.pt")
     assert config.model == "unet2d" and type(model).__name__ == "UNet2D"
+    assert diffusion.num_classes == 2 and diffusion.mask_channels == 1
+    new_model, _, _ = load_checkpoint(Path(cfg.out) / "last.pt")
+    image = torch.rand(2, 1, 16, 16)
+    old_probs = diffusion.sample(model, image, steps=2, generator=torch.Generator().manual_seed(0))
+    new_probs = diffusion.sample(new_model, image, steps=2,
+                                 generator=torch.Generator().manual_seed(0))
+    assert old_probs.shape == (2, 1, 16, 16) and torch.equal(old_probs, new_probs)
