@@ -706,6 +706,19 @@ class NnUNetDataset(Dataset):
     def case_names(self):
         return [case for case, _, _ in self.cases]
 
+    def case_truth(self, case):
+        """(label array as stored, voxel spacing): what a stacked prediction is scored on."""
+        path = next(label for name, _, label in self.cases if name == case)
+        raw, spacing, _, _ = read_volume(path)
+        return raw.astype(np.uint8), spacing
+
+    def slice_shape(self, case):
+        """(h, w) of the case's stored slices."""
+        shape = list(self.shapes[case])
+        if len(shape) == 3:
+            del shape[self.slice_axis]
+        return tuple(shape)
+
     def __len__(self):
         return len(self.images)
 

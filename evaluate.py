@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from DDPM import true_labels
 from dataset import (FIT_MODES, IMAGE_EXTENSIONS, DatasetError, fit_square, image_to_tensor,
-                     load_split, read_array)
+                     load_split, read_array, stack_slices, volume_slices)
 from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
                    expected_calibration_error, fuse_samples, load_checkpoint, mask_metrics,
                    overlap_scores, read_checkpoint, uncertainty_maps)
@@ -192,6 +192,7 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     bins = [[np.zeros(CALIBRATION_BINS) for _ in range(3)]
             for _ in range(1 if num_classes == 2 else num_classes)]
     sampling_seconds, sheet, sheet_index = 0.0, [], 0
+    by_volume, pred_slices = hasattr(dataset, "case_truth"), {}
     for image, mask in tqdm(loader, desc="evaluating"):
         start = time.perf_counter()
         fused, samples, unc = predict(model, diffusion, image, steps, ensemble, fusion, eta,
@@ -201,6 +202,8 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
         truth = true_labels(mask, num_classes)                        # (B, 1, H, W)
         pred = predicted_labels(fused, num_classes)
         for i in range(image.shape[0]):
+            if by_volume:   # kept to stack into the case's volume after the loop
+                pred_slices[dataset.slices[len(rows)]] = pred[i]
             row = {"name": names[len(rows)] if names else str(len(rows))}
             row.update(image_metrics(pred[i, 0].numpy(), truth[i, 0].numpy(), num_classes,
                                      spacing, tolerance))
@@ -229,6 +232,8 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     if sheet:
         _write_sheet(out, torch.cat(sheet), sheet_rows, sheet_index)
 
+    if by_volume:   # nnU-Net layout: one row per case, 3-D, in the header's units (mm)
+        rows = volume_rows(dataset, pred_slices, rows, num_classes, tolerance)
     class_columns = [f"{m}_{k}" for k in range(1, num_classes) for m in METRICS
                      ] if num_classes > 2 else []
     with open(out / "per_image.csv", "w", newline="") as f:
@@ -241,6 +246,8 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     uncertainty = np.concatenate(unc_all)
     metrics = {
         "images": len(rows),
+        **({"rows": "one per volume (case): 3-D scores, distances in the header's units (mm "
+                    "for NIfTI)"} if by_volume else {}),
         "metrics": summarise(rows, METRICS),
         "empty_masks": {
             "prediction_empty_truth_not": sum(r["pred_pixels"] == 0 < r["truth_pixels"] for r in rows),
@@ -289,6 +296,29 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     except Exception as e:  # noqa: BLE001
         print(f"reliability.png not drawn: {type(e).__name__}: {e}", file=sys.stderr)
     return metrics
+
+
+def volume_rows(dataset, pred_slices, slice_rows, num_classes, tolerance=2.0):
+    """Per-case rows of an nnU-Net dataset (NnUNetDataset): each case's slice predictions,
+    mapped back to the slice's stored size (fit undone, nearest neighbour) and stacked along
+    its slice axis into a volume of the stored shape, scored in 3-D against the label file
+    as stored, with the header's voxel spacing (mm for NIfTI, 1 for 2-D files)."""
+    uncertainty = {}
+    for (case, _), row in zip(dataset.slices, slice_rows):
+        uncertainty.setdefault(case, []).append(row["uncertainty"])
+    rows = []
+    for case in dataset.case_names():
+        truth, spacing = dataset.case_truth(case)
+        h, w = dataset.slice_shape(case)
+        slices = [_unfit(pred_slices[(case, k)], h, w, dataset.fit,
+                         v2.InterpolationMode.NEAREST_EXACT).round().to(torch.uint8).numpy()
+                  for k in range(len(volume_slices(truth, dataset.slice_axis)))]
+        pred = stack_slices(slices, dataset.slice_axis, truth.ndim)
+        row = {"name": case, **image_metrics(pred, truth, num_classes, spacing, tolerance)}
+        row.update(pred_pixels=int((pred > 0).sum()), truth_pixels=int((truth > 0).sum()),
+                   uncertainty=float(np.mean(uncertainty[case])))
+        rows.append(row)
+    return rows
 
 
 def calibration_summary(bins):

@@ -672,9 +672,11 @@ def load_checkpoint(path, map_location=None, weights="ema"):
 
 # ---------------------------------------------------------------------- metrics
 def _surface(mask):
-    """Boundary pixels of a boolean mask: the mask minus its 4-connected erosion."""
+    """Boundary pixels (voxels) of a boolean 2-D (3-D) mask: the mask minus its erosion by
+    the face-connected neighbourhood (4 in 2-D, 6 in 3-D)."""
     from scipy import ndimage
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure)
 
 
 def _surface_distances(a, b, spacing):
@@ -685,12 +687,13 @@ def _surface_distances(a, b, spacing):
 
 
 def mask_metrics(pred, truth, spacing=1.0, tolerance=2.0):
-    """Overlap and boundary metrics of one (H, W) boolean prediction against the truth.
+    """Overlap and boundary metrics of one (H, W) boolean prediction against the truth, or
+    of one (X, Y, Z) volume (then `spacing` per axis, e.g. a NIfTI header's, gives mm).
 
     dice, iou, precision, recall: overlap (an empty prediction has precision 0 unless the
         truth is empty too).
     hd95: 95th percentile of the boundary distances in both directions pooled, in pixels
-        times `spacing` (a float, or (row, col) spacing), as in MedPy.
+        times `spacing` (a float, or one per axis), as in MedPy.
     hd95_max: the larger of the two directed 95th percentiles, as MONAI's
         compute_hausdorff_distance(percentile=95): it reads higher than hd95 when one
         boundary strays further from the other than the other does from it.
@@ -703,8 +706,9 @@ def mask_metrics(pred, truth, spacing=1.0, tolerance=2.0):
     """
     pred = np.asarray(pred, dtype=bool)
     truth = np.asarray(truth, dtype=bool)
-    if pred.shape != truth.shape or pred.ndim != 2:
-        raise ValueError(f"mask_metrics wants two (H, W) masks, got {pred.shape} and {truth.shape}")
+    if pred.shape != truth.shape or pred.ndim not in (2, 3):
+        raise ValueError(f"mask_metrics wants two (H, W) or (X, Y, Z) masks, got {pred.shape} "
+                         f"and {truth.shape}")
     tp = float((pred & truth).sum())
     n_pred, n_truth = float(pred.sum()), float(truth.sum())
     if n_pred == 0 and n_truth == 0:

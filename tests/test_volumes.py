@@ -165,3 +165,51 @@ def test_nifti_set_trains(tmp_path):
                               "400", "--out", str(tmp_path / "run")])
     result = train(cfg)
     assert result.progress.step > 0 and cfg.window == (-1000, 400)
+
+
+def test_3d_metrics_with_anisotropic_spacing():
+    from utils import mask_metrics
+    truth = np.zeros((10, 10, 8), bool)
+    truth[2:7, 2:7, 2:5] = True
+    pred = np.zeros_like(truth)
+    pred[2:7, 2:7, 3:6] = True                       # one slice off along z
+    m = mask_metrics(pred, truth, spacing=(0.5, 0.5, 2.5))
+    assert m["dice"] == pytest.approx(2 * 50 / 150)
+    assert m["hd95"] == pytest.approx(2.5) and m["hd95_max"] == pytest.approx(2.5)
+    # the same shift in-plane costs 0.5 mm
+    pred = np.zeros_like(truth)
+    pred[3:8, 2:7, 2:5] = True
+    assert mask_metrics(pred, truth, spacing=(0.5, 0.5, 2.5))["hd95"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_per_volume_evaluation_in_mm(tmp_path):
+    import evaluate
+    from train_utils import train
+    root = make_nifti_set(tmp_path / "data", cases=6, test_cases=2)
+    cfg, _ = main.parse_args(["--data", str(root), "--image-size", "16", "--base-channels", "8",
+                              "--channel-mults", "1", "2", "--attention-resolutions", "2",
+                              "--timesteps", "50", "--batch-size", "4", "--epochs", "1",
+                              "--val-every", "4", "--num-workers", "0",
+                              "--out", str(tmp_path / "run")])
+    train(cfg)
+    out = tmp_path / "eval"
+    metrics = evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--split",
+                             "test", "--out", str(out), "--ensemble", "1", "--steps", "1"])
+    assert metrics["images"] == 2 and "per volume" in metrics["rows"]
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["case100", "case101"]
+
+
+def test_volume_rows_stack_slices_back_and_measure_in_mm(tmp_path):
+    from evaluate import volume_rows
+    root = make_nifti_set(tmp_path, cases=1, test_cases=1)
+    data = NnUNetDataset(root, "test", image_size=32)   # resized up, then mapped back
+    truth, spacing = data.case_truth("case100")
+    exact = {key: data.labels[i].long() for i, key in enumerate(data.slices)}
+    rows = [{"uncertainty": 0.0}] * len(data)
+    row = volume_rows(data, exact, rows, 2)[0]
+    assert row["name"] == "case100" and row["dice"] == 1 and row["hd95"] == 0
+    shifted = {(case, k): exact[(case, max(k - 1, 0))] for case, k in data.slices}
+    row = volume_rows(data, shifted, rows, 2)[0]     # the lesion one slice later along z
+    assert row["hd95"] == pytest.approx(SPACING[2]) and row["dice"] < 1
