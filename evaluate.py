@@ -17,7 +17,9 @@ With masks it writes to --out:
   sheet_NNN.png  rows of: image with truth (green) and prediction (red) outlines | truth |
                  fused prediction | uncertainty (entropy of the ensemble mean)
 With --images it writes masks/<name>.png (at each image's own size: 0/255 for a binary mask,
-class indices 0..K-1 for a label map) and uncertainty/<name>.png.
+class indices 0..K-1 for a label map) and uncertainty/<name>.png; for a folder of NIfTI
+volumes, masks/<case>.nii.gz with the input's shape, affine and header (predict_volumes).
+On nnU-Net's layout (dataset.json) rows are volumes: 3-D scores, distances in mm.
 
 Label maps (a run of --num-classes K > 2): metrics.json's `metrics` is the mean over the
 foreground classes, `per_class` each class's (keyed "1".."K-1"), per_image.csv has a
@@ -42,8 +44,9 @@ from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 from tqdm.auto import tqdm
 
 from DDPM import true_labels
-from dataset import (FIT_MODES, IMAGE_EXTENSIONS, DatasetError, fit_square, image_to_tensor,
-                     load_split, read_array, stack_slices, volume_slices)
+from dataset import (FIT_MODES, IMAGE_EXTENSIONS, VOLUME_ENDINGS, DatasetError, fit_square,
+                     image_to_tensor, intensity_to_unit, load_split, read_array, read_volume,
+                     stack_slices, volume_slices)
 from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
                    expected_calibration_error, fuse_samples, load_checkpoint, mask_metrics,
                    overlap_scores, read_checkpoint, uncertainty_maps)
@@ -414,6 +417,70 @@ def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
     return len(paths)
 
 
+def predict_volumes(model, diffusion, config, folder, out, steps=25, ensemble=1,
+                    fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None, fit=None):
+    """Label volumes for every NIfTI case in `folder`: `<case>_0000.nii.gz` (+ `_0001`, ...
+    for more channels, nnU-Net's naming) or `<case>.nii.gz`. Each is read as training read
+    it (the run's --window or percentiles, --slice-axis), predicted slice by slice, mapped
+    back to the stored slice size and stacked; masks/<case><ending> keeps the input's shape,
+    affine, header and file ending (uint8 class indices), uncertainty/<case><ending> the
+    entropy (float32). Returns the number of cases."""
+    try:
+        import nibabel
+    except ImportError:
+        raise DatasetError(f"{folder} holds NIfTI volumes: writing them needs nibabel "
+                           f"(pip install nibabel)") from None
+    fit = fit or config.fit
+    folder, out = Path(folder), Path(out)
+    cases = {}
+    for path in sorted(folder.iterdir()):
+        ending = next((e for e in VOLUME_ENDINGS if path.name.endswith(e)), None)
+        if ending is None:
+            continue
+        stem = path.name[:-len(ending)]
+        case, _, channel = stem.rpartition("_")
+        if not (case and len(channel) == 4 and channel.isdigit()):
+            case, channel = stem, "0000"
+        cases.setdefault(case, {})[int(channel)] = (path, ending)
+    for sub in ("masks", "uncertainty"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    window = tuple(config.window) or None
+    for case, files in tqdm(sorted(cases.items()), desc="predicting"):
+        if sorted(files) != list(range(config.channels)):
+            raise DatasetError(f"{folder}: case {case} has channel file(s) "
+                               f"{sorted(files)}; the model takes {config.channels}")
+        volumes = [read_volume(files[c][0]) for c in range(config.channels)]
+        first = volumes[0][3]
+        stack = [volume_slices(intensity_to_unit(v[0], window), config.slice_axis)
+                 for v in volumes]
+        shape = volumes[0][0].shape
+        h, w = [n for i, n in enumerate(shape) if len(shape) == 2
+                or i != config.slice_axis % len(shape)]
+        labels, entropy = [], []
+        for start in range(0, len(stack[0]), batch_size):
+            batch = []
+            for k in range(start, min(start + batch_size, len(stack[0]))):
+                image = torch.from_numpy(np.stack([c[k] for c in stack]).astype(np.float32))
+                empty = torch.zeros(1, h, w, dtype=torch.uint8)
+                batch.append(fit_square(image, empty, config.image_size, fit)[0])
+            fused, _, unc = predict(model, diffusion, torch.stack(batch), steps, ensemble,
+                                    fusion, generator=generator, amp=amp, max_batch=max_batch)
+            for label, ent in zip(predicted_labels(fused.cpu(), diffusion.num_classes),
+                                  unc["entropy"].cpu()):
+                labels.append(_unfit(label, h, w, fit, v2.InterpolationMode.NEAREST_EXACT
+                                     ).round().to(torch.uint8).numpy())
+                entropy.append(_unfit(ent, h, w, fit, v2.InterpolationMode.BILINEAR).numpy())
+        ending = files[0][1]
+        for sub, slices, dtype in (("masks", labels, np.uint8), ("uncertainty", entropy,
+                                                                  np.float32)):
+            array = stack_slices(slices, config.slice_axis, len(shape)).astype(dtype)
+            header = first.header.copy()
+            header.set_data_dtype(dtype)
+            nibabel.save(type(first)(array, first.affine, header), out / sub / f"{case}{ending}")
+    return len(cases)
+
+
 def _unfit(square, h, w, fit, interpolation):
     """Undo fit_square: the (1, S, S) map -> (h, w) on the original picture's pixels."""
     square = square.float()
@@ -536,8 +603,9 @@ def main(argv=None):
                       batch_size=args.batch_size, seed=args.seed, amp=amp,
                       max_batch=args.max_batch)
         if args.images:
-            n = predict_folder(model, diffusion, config, args.images, out, fit=args.fit,
-                               **common)
+            volumes = any(p.name.endswith(VOLUME_ENDINGS) for p in Path(args.images).iterdir())
+            n = (predict_volumes if volumes else predict_folder)(
+                model, diffusion, config, args.images, out, fit=args.fit, **common)
             print(f"wrote {n} masks to {out / 'masks'}")
             return None
         dataset = scored_dataset(config, args)

@@ -213,3 +213,26 @@ def test_volume_rows_stack_slices_back_and_measure_in_mm(tmp_path):
     shifted = {(case, k): exact[(case, max(k - 1, 0))] for case, k in data.slices}
     row = volume_rows(data, shifted, rows, 2)[0]     # the lesion one slice later along z
     assert row["hd95"] == pytest.approx(SPACING[2]) and row["dice"] < 1
+
+
+@pytest.mark.slow
+def test_predicted_volumes_keep_shape_affine_and_ending(tmp_path):
+    import evaluate
+    from train_utils import train
+    root = make_nifti_set(tmp_path / "data", cases=4, test_cases=2, shape=(12, 20, 5))
+    cfg, _ = main.parse_args(["--data", str(root), "--image-size", "16", "--base-channels", "8",
+                              "--channel-mults", "1", "2", "--attention-resolutions", "2",
+                              "--timesteps", "50", "--batch-size", "4", "--epochs", "1",
+                              "--num-workers", "0", "--out", str(tmp_path / "run")])
+    train(cfg)
+    out = tmp_path / "pred"
+    evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--images",
+                   str(root / "imagesTs"), "--out", str(out), "--steps", "1", "--ensemble", "2"])
+    for case in ("case100", "case101"):
+        source = nibabel.load(root / "imagesTs" / f"{case}_0000.nii.gz")
+        written = nibabel.load(out / "masks" / f"{case}.nii.gz")
+        assert written.shape == source.shape == (12, 20, 5)
+        assert np.allclose(written.affine, source.affine)
+        assert written.header.get_zooms() == pytest.approx(SPACING)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+        assert nibabel.load(out / "uncertainty" / f"{case}.nii.gz").shape == (12, 20, 5)
