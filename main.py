@@ -4,6 +4,12 @@
     python main.py --data DIR --image-size 128       # your image/mask folder
     torchrun --standalone --nproc_per_node=2 main.py --data DIR
     python main.py --nproc 2                         # two CPU processes (gloo) on a CPU box
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port P --nproc-per-node G \
+        --max-restarts 3 main.py --data DIR --out SHARED/run --resume auto     # on each node
+
+Several nodes: one job, every process a rank; the run folder must be on a file system all
+nodes see (rank 0 writes it). With `--resume auto` from the start, a restarted job (torchrun
+--max-restarts, or SLURM's requeue) continues from last.pt; see scripts/train_multinode.sbatch.
 
 Every field of TrainConfig (utils.py) is a --kebab-case flag; `--help` lists them.
 """
@@ -92,6 +98,11 @@ def worker(local_rank, world_size, cfg, explicit, port):
         if distributed:
             dist.init_process_group(backend)
         cfg, checkpoint = resume_config(cfg, explicit)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts:   # torchrun --max-restarts started this worker again after a failure
+            print0(f"torchrun restart {restarts}: "
+                   + (f"resuming from {checkpoint}" if checkpoint else
+                      "no checkpoint yet, starting again (pass --resume auto to continue)"))
         print0("config:", cfg.to_dict())
         return train(cfg, resume_from=checkpoint, device=device)
     except (CheckpointError, FileExistsError, ValueError, RunFolderError,
