@@ -576,10 +576,11 @@ def nnunet_cases(root, split, meta):
     return cases
 
 
-def read_volume(path):
+def read_volume(path, label=False):
     """One image or label file as stored: (array (H, W) or (X, Y, Z), spacing per axis,
     full scale or None, nibabel image or None). NIfTI through nibabel (an optional
-    dependency), any 2-D format through Pillow (spacing 1)."""
+    dependency), any 2-D format through Pillow (spacing 1; label=True keeps a palette
+    PNG's indices)."""
     path = Path(path)
     if path.name.endswith(VOLUME_ENDINGS):
         try:
@@ -595,7 +596,7 @@ def read_volume(path):
             raise DatasetError(f"{path}: a volume of shape {array.shape}; one 2-D or 3-D "
                                f"image per file is supported")
         return array, tuple(float(z) for z in volume.header.get_zooms()[:array.ndim]), None, volume
-    array, full_scale = read_array(path)
+    array, full_scale = read_array(path, mask=label)
     if array.ndim == 3:
         array = array.astype(np.float32) @ LUMA_WEIGHTS
     return array, (1.0, 1.0), full_scale, None
@@ -612,6 +613,15 @@ def intensity_to_unit(array, window=None, full_scale=None):
     else:
         low, high = np.percentile(array, PERCENTILES)
     return np.clip((array - low) / max(high - low, 1e-6), 0, 1)
+
+
+def windowed_channels(channel_names, window):
+    """Which channels --window applies to: those dataset.json names CT (nnU-Net's
+    convention), or every channel when none is; the others get percentile clipping."""
+    if window is None:
+        return [False] * len(channel_names)
+    ct = [name.strip().upper() == "CT" for name in channel_names]
+    return ct if any(ct) else [True] * len(channel_names)
 
 
 def volume_slices(array, axis):
@@ -656,18 +666,19 @@ class NnUNetDataset(Dataset):
                       if cases is None or c[0] in set(cases)]
         self.spacing, self.shapes, self.slices = {}, {}, []
         images, labels = [], []
+        windowed = windowed_channels(self.meta["channels"], window)
         for case, channel_paths, label_path in self.cases:
-            channels = []
-            for path in channel_paths:
-                array, spacing, full_scale, _ = read_volume(path)
-                channels.append(volume_slices(intensity_to_unit(array, window, full_scale),
-                                              slice_axis))
             if label_path is None:
                 raise DatasetError(f"{self.root}: split {split} has no labels folder")
-            raw, _, _, _ = read_volume(label_path)
-            if raw.shape != array.shape:
-                raise DatasetError(f"{label_path} has shape {raw.shape}, its image "
-                                   f"{channel_paths[0]} {array.shape}")
+            raw, spacing, _, _ = read_volume(label_path, label=True)
+            channels = []
+            for path, use_window in zip(channel_paths, windowed):
+                array, _, full_scale, _ = read_volume(path)
+                if array.shape != raw.shape:
+                    raise DatasetError(f"{path} has shape {array.shape}, its label file "
+                                       f"{label_path} {raw.shape}")
+                channels.append(volume_slices(intensity_to_unit(
+                    array, window if use_window else None, full_scale), slice_axis))
             values = np.unique(raw)
             bad = values[(values < 0) | (values >= self.num_classes) | (values != np.round(values))]
             if bad.size:
@@ -709,7 +720,7 @@ class NnUNetDataset(Dataset):
     def case_truth(self, case):
         """(label array as stored, voxel spacing): what a stacked prediction is scored on."""
         path = next(label for name, _, label in self.cases if name == case)
-        raw, spacing, _, _ = read_volume(path)
+        raw, spacing, _, _ = read_volume(path, label=True)
         return raw.astype(np.uint8), spacing
 
     def slice_shape(self, case):
@@ -894,8 +905,9 @@ def build_datasets(data=None, image_size=64, channels=1, val_fraction=0.1, seed=
         return {name: SyntheticContours(n, image_size, seed=3 * seed + offset, channels=channels)
                 for offset, (name, n) in enumerate([("train", n_train), ("val", n_val),
                                                     ("test", n_test)])}
-    if is_nnunet(data):
-        return nnunet_datasets(data, image_size, val_fraction, seed, augment, **dataset_kwargs)
+    if is_nnunet(data):   # test (imagesTs) is read by load_split when scored, not here
+        return {**nnunet_datasets(data, image_size, val_fraction, seed, augment,
+                                  splits=("train", "val"), **dataset_kwargs), "test": None}
     dataset_kwargs = {k: v for k, v in dataset_kwargs.items() if k not in VOLUME_OPTIONS}
     root = Path(data)
     common = dict(image_size=image_size, channels=channels, **dataset_kwargs)
@@ -922,11 +934,12 @@ NNUNET_OPTIONS = ("fit", "flips", *VOLUME_OPTIONS)
 
 
 def nnunet_datasets(data, image_size=64, val_fraction=0.1, seed=0, augment=True,
-                    **dataset_kwargs):
-    """build_datasets for nnU-Net's layout: val is a seeded `val_fraction` of the imagesTr
-    cases (by case, never by slice: no volume is in two splits), read whole; train the
-    other cases, with at most `empty_slice_fraction` empty slices; test is imagesTs +
-    labelsTs, or None. Mask options for PNG folders are ignored here (dataset.json says)."""
+                    splits=("train", "val", "test"), **dataset_kwargs):
+    """build_datasets for nnU-Net's layout, reading only `splits` (every case is held in
+    memory): val is a seeded `val_fraction` of the imagesTr cases (by case, never by slice:
+    no volume is in two splits), read whole; train the other cases, with at most
+    `empty_slice_fraction` empty slices ("train_all": those cases, every slice); test is
+    imagesTs + labelsTs, or None. PNG-folder mask options are ignored (dataset.json says)."""
     options = {k: v for k, v in dataset_kwargs.items() if k in NNUNET_OPTIONS}
     empty = options.pop("empty_slice_fraction", EMPTY_SLICE_FRACTION)
     meta = read_dataset_json(data)
@@ -935,10 +948,14 @@ def nnunet_datasets(data, image_size=64, val_fraction=0.1, seed=0, augment=True,
     common = dict(image_size=image_size, seed=seed, **options)
     root = Path(data)
     has_test = (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir()
-    return {"train": NnUNetDataset(data, "train", augment=augment, empty_slice_fraction=empty,
-                                   cases=[names[i] for i in train], **common),
-            "val": NnUNetDataset(data, "train", cases=[names[i] for i in val], **common),
-            "test": NnUNetDataset(data, "test", **common) if has_test else None}
+    build = {
+        "train": lambda: NnUNetDataset(data, "train", augment=augment, empty_slice_fraction=empty,
+                                       cases=[names[i] for i in train], **common),
+        "train_all": lambda: NnUNetDataset(data, "train", cases=[names[i] for i in train],
+                                           **common),
+        "val": lambda: NnUNetDataset(data, "train", cases=[names[i] for i in val], **common),
+        "test": lambda: NnUNetDataset(data, "test", **common) if has_test else None}
+    return {split: build[split]() for split in splits}
 
 
 def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
@@ -957,15 +974,11 @@ def load_split(data, split, image_size=64, channels=1, val_fraction=0.1, seed=0,
         if split not in ("train", "val", "test"):
             raise DatasetError(f"--split on nnU-Net's layout is train, val (held back from "
                                f"imagesTr) or test (imagesTs + labelsTs); got {split!r}")
+        wanted = "train_all" if split == "train" else split   # scored: every slice
         dataset = nnunet_datasets(data, image_size, val_fraction, seed, augment=False,
-                                  **dataset_kwargs)[split]
+                                  splits=(wanted,), **dataset_kwargs)[wanted]
         if dataset is None:
             raise DatasetError(f"{data} has no imagesTs/ + labelsTs/ to score --split test on")
-        if split == "train":   # every slice, as scored, not the training subset of them
-            dataset = NnUNetDataset(data, "train", image_size, cases=dataset.case_names(),
-                                    seed=seed, **{k: v for k, v in dataset_kwargs.items()
-                                                  if k in NNUNET_OPTIONS and
-                                                  k != "empty_slice_fraction"})
         return dataset
     dataset_kwargs = {k: v for k, v in dataset_kwargs.items() if k not in VOLUME_OPTIONS}
     if root is not None and split not in ("train", "val") and (root / split / "images").is_dir():

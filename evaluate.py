@@ -45,8 +45,9 @@ from tqdm.auto import tqdm
 
 from DDPM import true_labels
 from dataset import (FIT_MODES, IMAGE_EXTENSIONS, VOLUME_ENDINGS, DatasetError, fit_square,
-                     image_to_tensor, intensity_to_unit, load_split, read_array, read_volume,
-                     stack_slices, volume_slices)
+                     image_to_tensor, intensity_to_unit, is_nnunet, load_split, read_array,
+                     read_dataset_json, read_volume, stack_slices, volume_slices,
+                     windowed_channels)
 from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
                    expected_calibration_error, fuse_samples, load_checkpoint, mask_metrics,
                    overlap_scores, read_checkpoint, uncertainty_maps)
@@ -206,7 +207,7 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
         pred = predicted_labels(fused, num_classes)
         for i in range(image.shape[0]):
             if by_volume:   # kept to stack into the case's volume after the loop
-                pred_slices[dataset.slices[len(rows)]] = pred[i]
+                pred_slices[dataset.slices[len(rows)]] = pred[i].to(torch.uint8)
             row = {"name": names[len(rows)] if names else str(len(rows))}
             row.update(image_metrics(pred[i, 0].numpy(), truth[i, 0].numpy(), num_classes,
                                      spacing, tolerance))
@@ -432,29 +433,37 @@ def predict_volumes(model, diffusion, config, folder, out, steps=25, ensemble=1,
                            f"(pip install nibabel)") from None
     fit = fit or config.fit
     folder, out = Path(folder), Path(out)
-    cases = {}
+    files = []
     for path in sorted(folder.iterdir()):
         ending = next((e for e in VOLUME_ENDINGS if path.name.endswith(e)), None)
-        if ending is None:
-            continue
-        stem = path.name[:-len(ending)]
-        case, _, channel = stem.rpartition("_")
-        if not (case and len(channel) == 4 and channel.isdigit()):
-            case, channel = stem, "0000"
+        if ending is not None:
+            files.append((path, ending, path.name[:-len(ending)]))
+    # nnU-Net's naming when every file ends in _<4 digits>; else each file is a case
+    nnunet = all(len(stem.rpartition("_")[2]) == 4 and stem.rpartition("_")[2].isdigit()
+                 and stem.rpartition("_")[0] for _, _, stem in files)
+    cases = {}
+    for path, ending, stem in files:
+        case, channel = stem.rpartition("_")[::2] if nnunet else (stem, "0000")
         cases.setdefault(case, {})[int(channel)] = (path, ending)
     for sub in ("masks", "uncertainty"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     window = tuple(config.window) or None
+    names = (read_dataset_json(config.data)["channels"] if is_nnunet(config.data)
+             else ["CT"] * config.channels)    # without dataset.json: --window on every channel
+    windowed = windowed_channels(names, window)
     for case, files in tqdm(sorted(cases.items()), desc="predicting"):
         if sorted(files) != list(range(config.channels)):
             raise DatasetError(f"{folder}: case {case} has channel file(s) "
                                f"{sorted(files)}; the model takes {config.channels}")
         volumes = [read_volume(files[c][0]) for c in range(config.channels)]
         first = volumes[0][3]
-        stack = [volume_slices(intensity_to_unit(v[0], window), config.slice_axis)
-                 for v in volumes]
+        stack = [volume_slices(intensity_to_unit(v[0], window if w else None), config.slice_axis)
+                 for v, w in zip(volumes, windowed)]
         shape = volumes[0][0].shape
+        odd = next((files[c][0] for c, v in enumerate(volumes) if v[0].shape != shape), None)
+        if odd is not None:
+            raise DatasetError(f"{odd} has another shape than {files[0][0]} ({shape})")
         h, w = [n for i, n in enumerate(shape) if len(shape) == 2
                 or i != config.slice_axis % len(shape)]
         labels, entropy = [], []
@@ -475,8 +484,10 @@ def predict_volumes(model, diffusion, config, folder, out, steps=25, ensemble=1,
         for sub, slices, dtype in (("masks", labels, np.uint8), ("uncertainty", entropy,
                                                                   np.float32)):
             array = stack_slices(slices, config.slice_axis, len(shape)).astype(dtype)
+            array = array.reshape(first.shape)          # e.g. a (X, Y, Z, 1) input
             header = first.header.copy()
             header.set_data_dtype(dtype)
+            header["cal_min"], header["cal_max"] = 0, float(array.max())   # not the CT's
             nibabel.save(type(first)(array, first.affine, header), out / sub / f"{case}{ending}")
     return len(cases)
 

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dataset import available_cpus
+from dataset import DatasetError, available_cpus
 from train_utils import NonFiniteLossError, RunFolderError, train
-from utils import UNET_KEYS, CheckpointError, TrainConfig, print0, resume_config
+from utils import (UNET_KEYS, CheckpointError, TrainConfig, data_defaults, print0,
+                   resume_config)
 
 
 def build_parser():
@@ -43,7 +44,8 @@ def build_parser():
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.type is tuple:
-            parser.add_argument(flag, type=int, nargs="+", **{**kw, "default": list(default)})
+            parser.add_argument(flag, type=f.metadata.get("item", int), nargs="+",
+                                **{**kw, "default": list(default)})
         else:
             # Optional[str] -> str
             kind = next(a for a in get_args(f.type) if a is not type(None)) \
@@ -65,8 +67,8 @@ def parse_args(argv=None):
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in unet_only)} set(s) "
                      f"unet2d's shape; --model {args.model} builds with its own defaults")
     try:
-        return TrainConfig(**vars(args)), explicit
-    except ValueError as e:   # flags that do not fit together: one line, not a traceback
+        return data_defaults(TrainConfig(**vars(args)), explicit), explicit
+    except (ValueError, DatasetError) as e:   # flags that do not fit: one line, no traceback
         parser.error(str(e))
 
 
@@ -91,7 +93,9 @@ def worker(local_rank, world_size, cfg, explicit, port):
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, available_cpus() // local_world))
+        # OMP_NUM_THREADS wins (torchrun sets it to 1 for several local workers)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0)
+                              or max(1, available_cpus() // local_world))
         backend = "gloo"
     distributed = int(os.environ.get("WORLD_SIZE", world_size)) > 1
     try:
@@ -102,7 +106,7 @@ def worker(local_rank, world_size, cfg, explicit, port):
         if restarts:   # torchrun --max-restarts started this worker again after a failure
             print0(f"torchrun restart {restarts}: "
                    + (f"resuming from {checkpoint}" if checkpoint else
-                      "no checkpoint yet, starting again (pass --resume auto to continue)"))
+                      "nothing to resume (no last.pt yet, or no --resume auto): starting again"))
         print0("config:", cfg.to_dict())
         return train(cfg, resume_from=checkpoint, device=device)
     except (CheckpointError, FileExistsError, ValueError, RunFolderError,

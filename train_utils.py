@@ -30,9 +30,9 @@ from dataset import (MIN_VAL_IMAGES, WithDistanceMaps, build_datasets, make_load
 from DDPM import Diffusion, labels_from_probabilities, true_labels
 from model import PatchDiscriminator, check_registered
 from utils import (CheckpointError, Progress, build_model_and_diffusion, checkpoint_state,
-                   class_overlap, find_resume_checkpoint, is_main, print0, read_checkpoint,
-                   restore_checkpoint, run_length_defaults, save_checkpoint, save_images,
-                   seed_everything, set_rng_state, unwrap)
+                   class_overlap, data_defaults, find_resume_checkpoint, is_main, print0,
+                   read_checkpoint, restore_checkpoint, run_length_defaults, save_checkpoint,
+                   save_images, seed_everything, set_rng_state, unwrap)
 
 # also importable from here, as the original README and notebooks have them
 from DDPM import cosine_beta_schedule, linear_beta_schedule, shift_alphas_cumprod  # noqa: F401
@@ -900,6 +900,7 @@ def train(cfg, resume_from=None, device=None):
     the CPU. Returns a TrainResult on every rank."""
     device = torch.device(device) if device is not None else pick_device()
     world = get_world_size()
+    data_defaults(cfg)   # nnU-Net's dataset.json: classes and channels (main.py did it too)
     resume_from = check_run(cfg, resume_from)
     datasets, train_loader, val_loader = build_loaders(cfg, device)
     resolve_run_length(cfg, len(datasets["val"]))

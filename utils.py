@@ -92,8 +92,9 @@ class TrainConfig:
                                      "images/ + masks/ folder")
     slice_axis: int = _opt(-1, "volumes (NIfTI): the axis they are sliced along")
     window: tuple = _opt((), "volumes: intensity window LOW HIGH in stored units (HU for CT, "
-                             "e.g. --window -1000 400); none: each volume's 0.5-99.5 "
-                             "percentiles")
+                             "e.g. --window -1000 400) of the channels dataset.json names CT "
+                             "(all, if none is); others: each volume's 0.5-99.5 percentiles",
+                         item=float)
     empty_slice_fraction: float = _opt(EMPTY_SLICE_FRACTION,
                                        "nnU-Net layout: at most this fraction of the training "
                                        "slices show no foreground (the rest are dropped)")
@@ -186,19 +187,11 @@ class TrainConfig:
         if self.num_classes > 2 and self.mask_values:
             raise ValueError("--mask-values picks the foreground of a binary mask; a label map "
                              "of --num-classes > 2 maps its stored values with --class-values")
-        self.window = tuple(self.window)
+        self.window = tuple(float(v) for v in self.window)
         if self.window and (len(self.window) != 2 or self.window[0] >= self.window[1]):
             raise ValueError(f"--window takes LOW HIGH with LOW < HIGH, got {list(self.window)}")
         if not 0 <= self.empty_slice_fraction <= 1:
             raise ValueError(f"empty_slice_fraction must be in [0, 1], got {self.empty_slice_fraction}")
-        if is_nnunet(self.data):   # classes and channels: dataset.json says
-            meta = read_dataset_json(self.data)
-            for key, value, flag in (("num_classes", len(meta["labels"]), "--num-classes"),
-                                     ("channels", len(meta["channels"]), "--channels")):
-                if getattr(self, key) not in (value, 2 if key == "num_classes" else 1):
-                    raise ValueError(f"{flag} {getattr(self, key)}: {self.data}/dataset.json "
-                                     f"lists {value}")
-                setattr(self, key, value)
         if self.num_classes == 2:
             self.representation = "onehot"   # one channel either way; keep checkpoints alike
         if self.num_classes > 2 and self.data is None:
@@ -259,6 +252,23 @@ class TrainConfig:
     def describe_auto(self):
         """One line naming the settings a rule chose, for the start of a run."""
         return ", ".join(f"{k.replace('_', '-')} {getattr(self, k):g}" for k in self.auto_fields)
+
+
+def data_defaults(cfg, explicit=()):
+    """Settings the data itself states, filled into a fresh config (not a stored one): on
+    nnU-Net's layout, --num-classes and --channels from dataset.json (labels,
+    channel_names); a flag in `explicit` that disagrees is refused. Returns cfg."""
+    if not is_nnunet(cfg.data):
+        return cfg
+    meta = read_dataset_json(cfg.data)
+    for key, value in (("num_classes", len(meta["labels"])), ("channels", len(meta["channels"]))):
+        if key in explicit and getattr(cfg, key) != value:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: "
+                             f"{cfg.data}/dataset.json lists {value}")
+        setattr(cfg, key, value)
+    if cfg.num_classes == 2:
+        cfg.representation = "onehot"
+    return cfg
 
 
 # --------------------------------------------------------- defaults that follow the data

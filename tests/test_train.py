@@ -271,22 +271,29 @@ def test_torchrun_two_processes(tmp_path):
 def test_two_torchrun_node_agents_train_the_one_node_job(tmp_path):
     """Two node agents on 127.0.0.1 (--nnodes 2, one CPU process each, gloo) train one job
     to the last.pt a single-node two-process run reaches with the same seed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # one thread per worker in both runs
     args = ["main.py", *TINY, "--epochs", "2", "--num-workers", "0"]
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2", *args, "--out", str(tmp_path / "one")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     port = str(main.free_port())
+    logs = [open(tmp_path / f"agent{r}.log", "w") for r in (0, 1)]
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                                 "--node-rank", str(r), "--master-addr", "127.0.0.1",
                                 "--master-port", port, "--nproc-per-node", "1", *args,
                                 "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for r in (0, 1)]
-    for agent in agents:
-        _, err = agent.communicate(timeout=300)
-        assert agent.returncode == 0, err[-2000:]
+                               stdout=logs[r], stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        for agent in agents:
+            agent.wait(timeout=300)
+    finally:
+        for agent, log in zip(agents, logs):
+            if agent.poll() is None:
+                agent.kill()
+            log.close()
+    for r, agent in enumerate(agents):
+        assert agent.returncode == 0, (tmp_path / f"agent{r}.log").read_text()[-2000:]
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] > 0 and len(b["rng"]) == 2

@@ -11,7 +11,7 @@ from PIL import Image
 import main
 from dataset import (DatasetError, NnUNetDataset, build_datasets, intensity_to_unit,
                      load_split, stack_slices, volume_slices)
-from utils import TrainConfig
+from utils import TrainConfig, data_defaults
 
 nibabel = pytest.importorskip("nibabel")
 SPACING = (0.8, 0.7, 2.5)
@@ -71,7 +71,7 @@ def test_png_layout_reads_classes_and_channels(tmp_path):
     assert data.num_classes == 3 and data.channels == 1 and len(data) == 5
     image, contour = data[0]
     assert image.shape == (1, 20, 20) and set(contour.unique().tolist()) == {0.0, 1.0, 2.0}
-    cfg = TrainConfig(data=str(root))
+    cfg, _ = main.parse_args(["--data", str(root)])
     assert cfg.num_classes == 3 and cfg.channels == 1
 
 
@@ -85,10 +85,12 @@ def test_nifti_layout_slices_spacing_and_channels(tmp_path):
     assert image.shape == (2, 16, 16) and contour.shape == (1, 16, 16) and contour.max() == 1
     axial = NnUNetDataset(root, "train", image_size=16, slice_axis=0)
     assert len(axial) == 6 * 16
-    cfg = TrainConfig(data=str(root))
+    cfg, _ = main.parse_args(["--data", str(root)])
     assert (cfg.num_classes, cfg.channels) == (2, 2)
     with pytest.raises(ValueError, match="dataset.json lists 2"):
-        TrainConfig(data=str(root), num_classes=4)
+        data_defaults(TrainConfig(data=str(root), num_classes=4), {"num_classes"})
+    stored = TrainConfig.from_dict(cfg.to_dict() | {"channels": 3})   # a checkpoint's config
+    assert stored.channels == 3                                        # is not re-read
 
 
 def test_slice_volume_round_trip_is_bit_equal():
@@ -141,9 +143,22 @@ def test_val_is_held_back_by_case_and_empty_slices_are_capped(tmp_path):
     assert len(data["val"]) == 2 * 6                        # val keeps every slice
     empty = sum(not m.any() for m in data["train"].labels)
     assert empty <= 0.2 * len(data["train"]) and empty > 0  # 24 lesion slices, 6 empty
-    assert len(data["test"]) == 2 * 6
+    assert data["test"] is None                             # read when scored:
+    assert len(load_split(str(root), "test", image_size=16)) == 2 * 6
     val = load_split(str(root), "val", image_size=16, val_fraction=0.2, seed=0)
     assert val.names == data["val"].names
+
+
+def test_window_applies_to_ct_channels_only(tmp_path):
+    from dataset import windowed_channels
+    assert windowed_channels(["CT", "PET"], (-1000, 400)) == [True, False]
+    assert windowed_channels(["T1", "T2"], (0, 800)) == [True, True]      # no CT: all
+    assert windowed_channels(["CT"], None) == [False]
+    root = make_nifti_set(tmp_path, cases=1, test_cases=0, channels=2)
+    data = NnUNetDataset(root, "train", image_size=16, window=(-1000, 400))
+    ct, pet = data.images[2].float()                     # a lesion slice
+    assert ct.min() == 0 and ct.max() > 0.7              # windowed: air 0, tissue ~0.74
+    assert pet.max() == 1 and pet.min() == 0             # percentiles of its own volume
 
 
 def test_window_and_percentile_intensities():
