@@ -551,6 +551,8 @@ def build_parser():
     data.add_argument("--mask-values", type=int, nargs="*",
                       help="stored mask values that are foreground; the flag alone, without "
                            "values, thresholds at --mask-threshold instead")
+    data.add_argument("--class-values", type=int, nargs="+",
+                      help="label maps: the stored value of each class, in class order")
     data.add_argument("--mask-threshold", type=float,
                       help="foreground where the mask is >= this fraction of full scale")
     data.add_argument("--mask-suffix", help="ending of mask file names after the image's name")
@@ -577,7 +579,8 @@ def scored_dataset(config, args):
                        mask_suffix=_given(args.mask_suffix, config.mask_suffix),
                        allow_soft_masks=_given(args.allow_soft_masks, config.allow_soft_masks),
                        fit=_given(args.fit, config.fit), num_classes=config.num_classes,
-                       class_values=list(config.class_values) or None,
+                       class_values=(args.class_values or list(config.class_values)
+                                     or None),
                        slice_axis=config.slice_axis, window=tuple(config.window) or None)
     return load_split(data, args.split, image_size=config.image_size, channels=config.channels,
                       val_fraction=_given(args.val_fraction, config.val_fraction),
