@@ -78,6 +78,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def init_process_group(backend):
+    """dist.init_process_group from the environment; after a torchrun restart, on keys of
+    this attempt only: the store can still hold the failed attempt's (a dead worker's gloo
+    address), which the new workers would otherwise try to connect to."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restart:
+        dist.init_process_group(backend)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ddpm_restart_{restart}", store),
+                            rank=rank, world_size=world_size)
+
+
 def worker(local_rank, world_size, cfg, explicit, port):
     """One training process. Serves mp.spawn (port given) and torchrun (env already set).
     Returns train()'s TrainResult."""
@@ -100,7 +113,7 @@ def worker(local_rank, world_size, cfg, explicit, port):
     distributed = int(os.environ.get("WORLD_SIZE", world_size)) > 1
     try:
         if distributed:
-            dist.init_process_group(backend)
+            init_process_group(backend)
         cfg, checkpoint = resume_config(cfg, explicit)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts:   # torchrun --max-restarts started this worker again after a failure

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import main as launcher  # noqa: E402
 from DDPM import true_labels  # noqa: E402
-from dataset import ContourDataset, build_datasets, make_loader, set_epoch  # noqa: E402
+from dataset import build_datasets, load_split, make_loader, set_epoch  # noqa: E402
 from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
 from train_utils import EMA, dataset_options, soft_dice_loss  # noqa: E402
@@ -195,8 +195,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     cfg, _ = launcher.parse_args(["--data", args.data, "--image-size", str(args.image_size),
                                   "--seed", str(args.seed), "--out", str(out / "ddpm"), *flags])
-    test = ContourDataset(args.data, split="test", image_size=args.image_size,
-                          channels=cfg.channels, **dataset_options(cfg))
+    test = load_split(args.data, "test", image_size=args.image_size, channels=cfg.channels,
+                      seed=cfg.seed, **dataset_options(cfg))
 
     if args.reuse_ddpm:
         last = read_checkpoint(out / "ddpm" / "last.pt")

@@ -74,9 +74,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DDPM_ELASTIC_TEST"),
-                    reason="flaky on this machine (about 1 run in 3: the restarted workers' "
-                           "gloo mesh refuses or hangs); DDPM_ELASTIC_TEST=1 runs it")
 def test_killed_worker_restarts_from_last_checkpoint(tmp_path):
     """torchrun --max-restarts 1 with --resume auto from the start: a worker killed
     mid-run makes the job restart from last.pt (the log says so), losing at most the steps
