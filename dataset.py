@@ -533,7 +533,14 @@ def read_dataset_json(root):
                            f"background 0, got {values}")
     channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
     names = sorted(labels, key=labels.get)
-    return {"channels": channels, "labels": names, "file_ending": meta["file_ending"]}
+    listed = meta.get("dataset") or {}   # nnU-Net's optional explicit file list
+    for case, entry in listed.items():
+        for name in [*entry.get("images", []), entry.get("label")]:
+            if name and not (Path(root) / name).is_file():
+                raise DatasetError(f"{path} names {name} (case {case}), which is not there: "
+                                   f"{Path(root) / name}")
+    return {"channels": channels, "labels": names, "file_ending": meta["file_ending"],
+            "num_training": meta.get("numTraining") or None}
 
 
 def nnunet_cases(root, split, meta):
@@ -573,6 +580,16 @@ def nnunet_cases(root, split, meta):
         if label is not None and not label.is_file():
             raise DatasetError(f"{label} is missing: every image case needs its label file")
         cases.append((case, [channels[c] for c in range(n)], label))
+    if labels.is_dir():   # a label file without its image is a mistake too
+        stray = sorted(set(p.name[:-len(ending)] for p in labels.iterdir()
+                           if p.name.endswith(ending)) - set(found))
+        if stray:
+            raise DatasetError(f"{labels / (stray[0] + ending)} has no image "
+                               f"{images / (stray[0] + '_0000' + ending)}")
+    expected = meta.get("num_training") if split == "train" else None
+    if expected is not None and expected != len(cases):
+        raise DatasetError(f"{root / 'dataset.json'} says numTraining {expected}, but "
+                           f"{images} holds {len(cases)} case(s)")
     return cases
 
 
@@ -696,6 +713,10 @@ class NnUNetDataset(Dataset):
                 labels.append(mask.to(torch.uint8))
                 self.slices.append((case, k))
         keep = self._keep(labels, empty_slice_fraction, seed)
+        if labels and not keep:
+            raise DatasetError(f"no slice of {self.root} ({split}) shows foreground: check "
+                               f"the label files and dataset.json's labels")
+        self.dropped_empty = len(labels) - len(keep)   # by empty_slice_fraction
         self.images = [images[i] for i in keep]
         self.labels = [labels[i] for i in keep]
         self.slices = [self.slices[i] for i in keep]

@@ -590,6 +590,10 @@ def build_loaders(cfg, device):
                                         range(rank, len(datasets["val"]), world))
     val_loader = make_loader(val_shard, batch_per_rank, train=False, distributed=False,
                              num_workers=workers, seed=cfg.seed, device=device)
+    dropped = getattr(datasets["train"], "dropped_empty", 0)
+    if dropped:
+        print0(f"left out {dropped} training slices without foreground "
+               f"(--empty-slice-fraction {cfg.empty_slice_fraction:g})")
     if len(train_loader) == 0:
         raise ValueError(f"{len(datasets['train'])} training images give no full batch of "
                          f"{batch_per_rank} per process; lower --batch-size")

@@ -17,11 +17,11 @@ nibabel = pytest.importorskip("nibabel")
 SPACING = (0.8, 0.7, 2.5)
 
 
-def write_json(root, ending, labels=("background", "lesion"), channels=("CT",)):
+def write_json(root, ending, labels=("background", "lesion"), channels=("CT",), **extra):
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {str(i): c for i, c in enumerate(channels)},
         "labels": {name: i for i, name in enumerate(labels)},
-        "numTraining": 0, "file_ending": ending}))
+        "numTraining": 0, "file_ending": ending, **extra}))
 
 
 def lesion_volume(seed, shape=(16, 16, 6)):
@@ -123,6 +123,23 @@ def test_refusals_name_the_file(tmp_path):
     labels[0, 0, 0] = 3
     nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), root / "labelsTr" / "case001.nii.gz")
     with pytest.raises(DatasetError, match=r"case001\.nii\.gz stores value\(s\) 3.*labels"):
+        NnUNetDataset(root, "train")
+
+
+def test_dataset_json_promises_are_checked(tmp_path):
+    root = make_nifti_set(tmp_path / "a", cases=2, test_cases=1)
+    write_json(root, ".nii.gz", numTraining=3)
+    with pytest.raises(DatasetError, match=r"dataset\.json says numTraining 3.*2 case"):
+        NnUNetDataset(root, "train")
+    write_json(root, ".nii.gz", numTraining=2)
+    assert len(NnUNetDataset(root, "train", image_size=16)) == 12
+    write_json(root, ".nii.gz", dataset={"case000": {"images": ["imagesTr/case000_0000.nii.gz"],
+                                                     "label": "labelsTr/case009.nii.gz"}})
+    with pytest.raises(DatasetError, match=r"names labelsTr/case009\.nii\.gz.*not there"):
+        NnUNetDataset(root, "train")
+    root = make_nifti_set(tmp_path / "b", cases=2, test_cases=1)
+    (root / "imagesTr" / "case001_0000.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"labelsTr/case001\.nii\.gz has no image"):
         NnUNetDataset(root, "train")
 
 
