@@ -113,17 +113,22 @@ def bit_codes(num_classes, device=None):
     return ((k[:, None] >> torch.arange(bits, device=device)) & 1).float()
 
 
+def one_hot_labels(labels, num_classes):
+    """Label map (B, 1, H, W) of class indices -> float one-hot (B, K, H, W)."""
+    return torch.nn.functional.one_hot(labels[:, 0].long(), num_classes).permute(0, 3, 1, 2).float()
+
+
 def encode_labels(labels, num_classes=2, representation="onehot"):
     """Label map (B, 1, H, W), values 0..K-1 (any dtype) -> x0 in {-1, 1}, (B, M, H, W) with
     M = mask_channels(K, representation). K=2: today's 2 * mask - 1."""
     m = mask_channels(num_classes, representation)
-    labels = labels.round().long()[:, 0]                                  # (B, H, W)
+    labels = true_labels(labels, num_classes)                             # (B, 1, H, W)
     if num_classes == 2:
-        bits = labels[:, None].float()
+        bits = labels.float()
     elif representation == "onehot":
-        bits = torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+        bits = one_hot_labels(labels, num_classes)
     else:
-        bits = bit_codes(num_classes, labels.device)[labels].permute(0, 3, 1, 2)
+        bits = bit_codes(num_classes, labels.device)[labels[:, 0]].permute(0, 3, 1, 2)
     assert bits.shape[1] == m
     return bits * 2 - 1
 
@@ -319,8 +324,7 @@ class Diffusion:
         the mask itself when binary, (B, K, H, W) one-hot otherwise."""
         if self.num_classes == 2:
             return labels.float()
-        return torch.nn.functional.one_hot(true_labels(labels, self.num_classes)[:, 0],
-                                           self.num_classes).permute(0, 3, 1, 2).float()
+        return one_hot_labels(true_labels(labels, self.num_classes), self.num_classes)
 
     # ----------------------------------------------------------------- forward process
     def sample_timesteps(self, n, device=None, generator=None):

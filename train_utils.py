@@ -728,8 +728,8 @@ def train_step(state, cfg, progress, batch):
     x0_prev = None
     # self-conditioning on half the steps (Chen et al.), the coin the same on every rank, so
     # all run the extra pass through the (DDP) model together
-    coin = torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)
-    if diffusion.self_condition and torch.rand((), generator=coin) < 0.5:
+    if diffusion.self_condition and torch.rand(
+            (), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)) < 0.5:
         with torch.no_grad(), autocast(s.device, s.dtype):
             first = s.model(diffusion.model_input(x_t, image), t)
         x0_prev, _ = diffusion.predict_x0_eps(x_t, t, first.float())  # detached, clipped

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main as launcher  # noqa: E402
-from DDPM import true_labels  # noqa: E402
+from DDPM import one_hot_labels, true_labels  # noqa: E402
 from dataset import build_datasets, load_split, make_loader, set_epoch  # noqa: E402
 from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
@@ -113,9 +113,9 @@ def baseline_loss(logits, mask, num_classes):
     if num_classes == 2:
         return (F.binary_cross_entropy_with_logits(logits, mask)
                 + soft_dice_loss(torch.sigmoid(logits), mask).mean())
-    target = true_labels(mask, num_classes)[:, 0]                        # (B, H, W)
-    one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
-    return (F.cross_entropy(logits, target)
+    target = true_labels(mask, num_classes)                              # (B, 1, H, W)
+    one_hot = one_hot_labels(target, num_classes)
+    return (F.cross_entropy(logits, target[:, 0])
             + soft_dice_loss(logits.softmax(1)[:, 1:], one_hot[:, 1:]).mean())
 
 

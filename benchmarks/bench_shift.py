@@ -79,6 +79,28 @@ def launch(flags, run, cpu):
         return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
+def run_all(todo, flags, runs, parallel, out):
+    """Train the runs keyed in `todo` (main.py `flags[key]` into `runs[key]`), `parallel` at
+    a time, each pinned to its own CPU (one at a time, unpinned, for parallel 1)."""
+    todo = list(todo)
+    cpus = sorted(os.sched_getaffinity(0))[:parallel] if parallel > 1 else [None]
+    running = {}                                                    # process -> its CPU
+    try:
+        while todo or running:
+            for cpu in [c for c in cpus if c not in running.values()][:len(todo)]:
+                key = todo.pop(0)
+                running[launch(flags[key], runs[key], cpu)] = cpu
+            time.sleep(2)
+            for proc in [p for p in running if p.poll() is not None]:
+                if proc.returncode:
+                    raise SystemExit(f"a run failed: {' '.join(proc.args)}; see its log in {out}")
+                del running[proc]
+    finally:   # a failure or Ctrl-C ends the other runs too
+        for proc in running:
+            proc.terminate()
+            proc.wait()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,22 +135,7 @@ def main():
     flags = {s: main_flags(args, s, runs[s]) for s in args.shifts}
     todo = [s for s in args.shifts
             if args.retrain or not finished(runs[s], flags[s], args.steps)]
-    cpus = sorted(os.sched_getaffinity(0))[:args.parallel] if args.parallel > 1 else [None]
-    running = {}                                                    # process -> its CPU
-    try:
-        while todo or running:
-            for cpu in [c for c in cpus if c not in running.values()][:len(todo)]:
-                shift = todo.pop(0)
-                running[launch(flags[shift], runs[shift], cpu)] = cpu
-            time.sleep(2)
-            for proc in [p for p in running if p.poll() is not None]:
-                if proc.returncode:
-                    raise SystemExit(f"a run failed: {' '.join(proc.args)}; see its log in {out}")
-                del running[proc]
-    finally:   # a failure or Ctrl-C ends the other runs too
-        for proc in running:
-            proc.terminate()
-            proc.wait()
+    run_all(todo, flags, runs, args.parallel, out)
 
     marks = sorted(val_curve(runs[args.shifts[0]]))[-4:]     # the last four validations
     rows = {}

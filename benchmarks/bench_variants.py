@@ -15,11 +15,9 @@ comparison. Prints a table and writes JSON beside the runs.
 """
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_shift import finished, launch  # noqa: E402
+from bench_shift import finished, run_all  # noqa: E402
 from diagnose_uncertainty import evaluate_args  # noqa: E402
 from evaluate import evaluate, scored_dataset  # noqa: E402
 from utils import load_checkpoint, read_checkpoint  # noqa: E402
@@ -88,22 +86,7 @@ def main():
                           "--max-minutes", "0", "--seed", str(seed), "--out", str(runs[key]),
                           *shlex.split(extra)]
     todo = [k for k in runs if not finished(runs[k], flags[k], args.steps)]
-    cpus = sorted(os.sched_getaffinity(0))[:args.parallel] if args.parallel > 1 else [None]
-    running = {}
-    try:
-        while todo or running:
-            for cpu in [c for c in cpus if c not in running.values()][:len(todo)]:
-                key = todo.pop(0)
-                running[launch(flags[key], runs[key], cpu)] = cpu
-            time.sleep(2)
-            for proc in [p for p in running if p.poll() is not None]:
-                if proc.returncode:
-                    raise SystemExit(f"a run failed: {' '.join(proc.args)}; see its log in {out}")
-                del running[proc]
-    finally:
-        for proc in running:
-            proc.terminate()
-            proc.wait()
+    run_all(todo, flags, runs, args.parallel, out)
 
     rows = {f"{name}-seed{seed}": score_on_val(runs[(name, seed)], args.ensemble, seed)
             for name, seed in runs}

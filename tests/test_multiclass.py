@@ -309,8 +309,8 @@ def test_multiclass_trains_evaluates_and_predicts(tmp_path):
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and "hd95_max_2" in rows[0]
-    assert 0 <= metrics["uncertainty"]["auroc_for_pixel_error"] <= 1 or math.isnan(
-        metrics["uncertainty"]["auroc_for_pixel_error"])
+    assert metrics["uncertainty"]["measure"].endswith("/ log 4")
+    assert metrics["calibration"]["note"].count("4 classes") == 1   # class-wise ECE
 
     images = tmp_path / "unlabelled"
     images.mkdir()
