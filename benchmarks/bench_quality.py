@@ -43,7 +43,7 @@ from DDPM import one_hot_labels, true_labels  # noqa: E402
 from dataset import build_datasets, load_split, make_loader, set_epoch  # noqa: E402
 from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
-from train_utils import EMA, dataset_options, soft_dice_loss  # noqa: E402
+from train_utils import EMA, dataset_options, fewest_good_steps, soft_dice_loss  # noqa: E402
 from utils import (TrainConfig, class_overlap, load_checkpoint, model_keys,  # noqa: E402
                    read_checkpoint, seed_everything)
 
@@ -144,7 +144,8 @@ def score(predict_fn, test, num_classes=2, batch_size=32):
 def choose_steps(model, diffusion, cfg, candidates, seed):
     """The DDIM step count among `candidates` with the highest one-sample Dice on the
     validation split the run held back (from its config `cfg`), and {steps: Dice} for each
-    (empty when there is only one). Ties go to the fewer steps."""
+    (empty when there is only one). The fewest steps within 0.001 of the best win, as at
+    the end of a run (train_utils.fewest_good_steps)."""
     if len(candidates) == 1:
         return candidates[0], {}
     val = build_datasets(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
@@ -156,7 +157,7 @@ def choose_steps(model, diffusion, cfg, candidates, seed):
         dice[steps] = score(lambda image: predicted_labels(
             predict(model, diffusion, image, steps, generator=generator)[0],
             diffusion.num_classes), val, diffusion.num_classes)["dice"]
-    return max(sorted(candidates), key=lambda s: dice[s]), dice
+    return fewest_good_steps(dice), dice
 
 
 def main():
