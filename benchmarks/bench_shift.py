@@ -37,6 +37,8 @@ from utils import read_checkpoint  # noqa: E402
 # patience, which cannot have mattered to a run that reached its last step
 IGNORED_ON_REUSE = ("out", "resume", "nproc", "num_workers", "log_every", "patience",
                     "auto_fields")
+# left at 0, train() fills these by rule (utils.run_length_defaults) and stores the value
+RULE_FILLED = ("val_every", "patience", "min_steps")
 # flags the sweep sets itself
 OWN_FLAGS = ("--data", "--image-size", "--max-steps", "--val-every", "--max-minutes", "--seed",
              "--patience", "--min-steps", "--schedule-shift", "--out", "--resume")
@@ -62,8 +64,11 @@ def finished(run, flags, steps):
         return False
     stored = read_checkpoint(run / "last.pt")["config"]
     wanted = launcher.parse_args(flags)[0].to_dict()
-    stored["data"] = str((ROOT / stored["data"]).resolve())   # main.py ran in the repo root
-    differ = [k for k in wanted if k not in IGNORED_ON_REUSE and stored.get(k) != wanted[k]]
+    if stored["data"]:                                        # main.py ran in the repo root
+        stored["data"] = str((ROOT / stored["data"]).resolve())
+    by_rule = {k for k in RULE_FILLED if not wanted[k]}   # train() stored the value it chose
+    differ = [k for k in wanted if k not in IGNORED_ON_REUSE and k not in by_rule
+              and stored.get(k) != wanted[k]]
     return not differ and max(val_curve(run), default=0) >= steps
 
 
