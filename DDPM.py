@@ -10,10 +10,13 @@ Read beside
 Masks live in diffusion space [-1, 1]: a binary mask as one channel, x0 = 2 * mask - 1; a
 label map of K > 2 classes as K one-hot channels or ceil(log2 K) analog bits (Chen et al.
 2022), each 2 * bit - 1 (`encode_labels`, and `class_probabilities` back). The model sees
-the noisy mask concatenated with the conditioning image, `model(model_input(x_t, image),
-t)`, with `t` the integer timestep on the original 0..T-1 scale, and predicts eps, x0 or v,
-or the logits of x0 ("x0_logits": x0 = 2 sigmoid(out) - 1, or 2 softmax(out) - 1 over
-one-hot channels, so the estimate is a probability and trains with cross-entropy).
+the noisy mask concatenated with the conditioning image, `model(*diffusion.model_args(x_t,
+t, image))`, with `t` the integer timestep on the original 0..T-1 scale, and predicts eps,
+x0 or v, or the logits of x0 ("x0_logits": x0 = 2 sigmoid(out) - 1, or 2 softmax(out) - 1
+over one-hot channels, so the estimate is a probability and trains with cross-entropy).
+With input_scaling="abar" the noisy mask reaches the network as sqrt(abar_t) x_t, and with
+a time_floor every timestep whose abar_t is below it reaches the network as the same one
+(`Diffusion.model_args`).
 
 This file imports no other file of the project: a notebook that only samples needs it and
 `model.py`, not the trainer.
@@ -28,6 +31,7 @@ SCHEDULES = ("cosine", "linear")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 REPRESENTATIONS = ("onehot", "bits")
+INPUT_SCALINGS = ("none", "abar")
 
 
 # ------------------------------------------------------------------ noise schedules
@@ -86,8 +90,8 @@ def get_beta_schedule(name, timesteps, shift=1.0):
 def model_input(x_t, image, x0_prev=None):
     """What the denoiser sees: the noisy mask, with self-conditioning the previous estimate
     of the clean mask, and the conditioning image, stacked on the channel axis:
-    (B, M, H, W) [+ (B, M, H, W)] + (B, C, H, W). The one place that builds it (training,
-    validation and sampling all call this)."""
+    (B, M, H, W) [+ (B, M, H, W)] + (B, C, H, W). Diffusion.model_args, which training,
+    validation and sampling all call, stacks the network's input with this."""
     parts = [x_t] if x0_prev is None else [x_t, x0_prev.to(x_t.dtype)]
     return torch.cat([*parts, image.to(x_t.dtype)], dim=1)
 
@@ -214,7 +218,8 @@ class Diffusion:
 
     def __init__(self, timesteps=1000, schedule="cosine", prediction="eps", shift=1.0,
                  self_condition=False, timestep_sampling="uniform", loss_weighting="none",
-                 min_snr_gamma=5.0, num_classes=2, representation="onehot"):
+                 min_snr_gamma=5.0, num_classes=2, representation="onehot",
+                 input_scaling="none", time_floor=0.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if prediction not in PREDICTION_TYPES:
@@ -222,6 +227,9 @@ class Diffusion:
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, "
                              f"got {timestep_sampling!r}")
+        if input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, "
+                             f"got {input_scaling!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                              f"got {loss_weighting!r}")
@@ -238,6 +246,7 @@ class Diffusion:
         # the mask: K classes (2 = binary) in M channels of diffusion space
         self.mask_channels = mask_channels(num_classes, representation)
         self.num_classes, self.representation = int(num_classes), representation
+        self.input_scaling, self.time_floor = input_scaling, float(time_floor)
 
         betas = get_beta_schedule(schedule, self.num_timesteps, shift=self.shift).double()
         alphas = 1.0 - betas
@@ -272,6 +281,17 @@ class Diffusion:
         self.posterior_mean_coef2 = f32(posterior_mean_coef2)
         self._abar = self.alphas_cumprod.tolist()   # the float32 table as Python floats, for DDIM
         self.loss_weights = f32(self._loss_weights(alphas_cumprod))
+        # What the network sees of x_t and t (model_args). input_scaling="abar": the noisy
+        # mask times sqrt(abar_t), its least-squares linear estimate of x0 (x0 in {-1, 1}
+        # has unit second moment), so a step whose x_t holds no signal hands the network
+        # ~0 instead of full-strength noise. time_floor: the timesteps with abar_t below it
+        # all reach the network as the first of them, so those steps, where the image alone
+        # decides the mask, train one function instead of one per timestep index.
+        self.input_scale = f32(sqrt_alphas_cumprod if input_scaling == "abar"
+                               else torch.ones_like(alphas_cumprod))
+        self.last_model_t = (self.num_timesteps - 1 if self.time_floor <= 0 else
+                             min(self.num_timesteps - 1,
+                                 int((alphas_cumprod >= self.time_floor).sum())))
 
     def _loss_weights(self, alphas_cumprod):
         """The loss_weight table, float64, shape (T,)."""
@@ -287,7 +307,7 @@ class Diffusion:
               "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
               "sqrt_recipm1_alphas_cumprod", "posterior_variance",
               "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-              "loss_weights")
+              "loss_weights", "input_scale")
 
     def to(self, device):
         """Keep the schedule tables on `device`, so gathering them never copies host to GPU
@@ -301,7 +321,9 @@ class Diffusion:
         return (f"Diffusion(timesteps={self.num_timesteps}, schedule={self.schedule!r}, "
                 f"prediction={self.prediction!r}, shift={self.shift:g}, "
                 f"self_condition={self.self_condition}, num_classes={self.num_classes}"
-                + (f", representation={self.representation!r})" if self.num_classes > 2 else ")"))
+                + (f", representation={self.representation!r}" if self.num_classes > 2 else "")
+                + (f", input_scaling={self.input_scaling!r}" if self.input_scaling != "none" else "")
+                + (f", time_floor={self.time_floor:g}" if self.time_floor > 0 else "") + ")")
 
     # ------------------------------------------------------------------ the mask's coding
     def encode(self, labels):
@@ -433,17 +455,25 @@ class Diffusion:
         return self.logits_to_x0(model_output) if self.prediction == "x0_logits" else model_output
 
     # ------------------------------------------------------------------- samplers
-    def model_input(self, x_t, image, x0_prev=None):
-        """model_input() for this diffusion: with self-conditioning, x0_prev (zeros when
-        None, as at the first step); without, x0_prev is ignored."""
-        if not self.self_condition:
-            return model_input(x_t, image)
-        return model_input(x_t, image, torch.zeros_like(x_t) if x0_prev is None else x0_prev)
+    def model_args(self, x_t, t, image, x0_prev=None):
+        """What the network is called with at (x_t, t): (x_in, t_in), for model(x_in, t_in);
+        the one place that builds them (training, validation and sampling all call this).
+        x_in stacks the noisy mask (times sqrt(abar_t) with input_scaling="abar"), with
+        self-conditioning x0_prev (zeros when None, as at the first step; ignored without),
+        and the image (model_input). t_in is t, capped at last_model_t by a time_floor."""
+        x_seen = x_t if self.input_scaling == "none" else (
+            x_t * extract(self.input_scale, t, x_t.shape).to(x_t.dtype))
+        if self.self_condition:
+            x_in = model_input(x_seen, image,
+                               torch.zeros_like(x_t) if x0_prev is None else x0_prev)
+        else:
+            x_in = model_input(x_seen, image)
+        return x_in, t.clamp(max=self.last_model_t)
 
     def _model_output(self, model, x_t, image, t, x0_prev=None):
         dtype = next(model.parameters()).dtype
-        x_in = self.model_input(x_t, image, x0_prev).to(dtype)
-        return model(x_in, t).float()                                   # (B, M, H, W)
+        x_in, t_in = self.model_args(x_t, t, image, x0_prev)
+        return model(x_in.to(dtype), t_in).float()                      # (B, M, H, W)
 
     def p_sample_step(self, model, x_t, image, t_int, generator=None, x0_prev=None):
         """One ancestral step x_t -> x_{t-1} (Ho Algorithm 2, posterior variance).
@@ -516,7 +546,7 @@ class Diffusion:
         class probabilities, (B, S, K, H, W) (S = 1 included). labels_from_probabilities
         turns either into label maps.
 
-        model: the noise model, called as model(self.model_input(x_t, image), t); its device and
+        model: the noise model, called as model(*self.model_args(x_t, t, image)); its device and
         dtype decide where sampling runs. image: (B, C, H, W). No process group is needed.
         The S samples of every image are drawn in one batched pass of B*S, split into
         chunks of at most `max_batch` when memory is short. noise: the starting x_T of

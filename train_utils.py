@@ -421,7 +421,7 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
         start = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
         x_t, _ = diffusion.noise_image(x0, t, noise)
         with autocast(device, dtype):
-            out = ema_model(diffusion.model_input(x_t, image), t)
+            out = ema_model(*diffusion.model_args(x_t, t, image))
         per_image = (diffusion.comparable_output(out.float())
                      - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
         with autocast(device, dtype):
@@ -731,13 +731,13 @@ def train_step(state, cfg, progress, batch):
     if diffusion.self_condition and torch.rand(
             (), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + progress.step)) < 0.5:
         with torch.no_grad(), autocast(s.device, s.dtype):
-            first = s.model(diffusion.model_input(x_t, image), t)
+            first = s.model(*diffusion.model_args(x_t, t, image))
         x0_prev, _ = diffusion.predict_x0_eps(x_t, t, first.float())  # detached, clipped
-    x_in = diffusion.model_input(x_t, image, x0_prev)        # (B, M [+ M] + C, H, W)
+    x_in, t_in = diffusion.model_args(x_t, t, image, x0_prev)  # (B, M [+ M] + C, H, W)
     if s.channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
     with autocast(s.device, s.dtype):
-        output = s.model(x_in, t)                             # (B, M, H, W)
+        output = s.model(x_in, t_in)                          # (B, M, H, W)
     loss, parts = loss_fn(output.float(), diffusion.training_target(x0, noise, t),
                           diffusion=diffusion, x_t=x_t, t=t, mask=truth, image=image, cfg=cfg,
                           distances=distances,

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from dataset import EMPTY_SLICE_FRACTION, FIT_MODES, is_nnunet, read_dataset_json
-from DDPM import (LOSS_WEIGHTINGS, PREDICTION_TYPES, REPRESENTATIONS, SCHEDULES,
-                  TIMESTEP_SAMPLING, Diffusion, mask_channels)
+from DDPM import (INPUT_SCALINGS, LOSS_WEIGHTINGS, PREDICTION_TYPES, REPRESENTATIONS,
+                  SCHEDULES, TIMESTEP_SAMPLING, Diffusion, mask_channels)
 from model import MODELS, build_model
 
 CHECKPOINT_VERSION = 1
@@ -30,10 +30,11 @@ CHECKPOINT_VERSION = 1
 UNET_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_resolutions",
              "dropout")
 DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction", "self_condition",
-                  "num_classes", "representation")
+                  "num_classes", "representation", "input_scaling", "time_floor")
 # model keys added after checkpoints were already being written: what an older one meant
 LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d", "self_condition": False,
-                    "num_classes": 2, "representation": "onehot"}
+                    "num_classes": 2, "representation": "onehot", "input_scaling": "none",
+                    "time_floor": 0.0}
 
 
 def model_keys(config):
@@ -122,6 +123,12 @@ class TrainConfig:
     loss_weighting: str = _opt("none", "weight of the diffusion loss over timesteps "
                                        "(min_snr: Hang et al. 2023)", choices=LOSS_WEIGHTINGS)
     min_snr_gamma: float = _opt(5.0, "gamma of --loss-weighting min_snr")
+    input_scaling: str = _opt("abar", "the noisy mask the network sees: abar = sqrt(abar_t) "
+                                      "x_t, its linear estimate of the clean mask (noise "
+                                      "without signal arrives as ~0); none = x_t",
+                              choices=INPUT_SCALINGS)
+    time_floor: float = _opt(1e-3, "timesteps whose abar_t (signal fraction of x_t) is "
+                                   "below this reach the network as one timestep; 0 = off")
     representation: str = _opt("onehot", "a label map of K > 2 classes in diffusion space: K "
                                          "one-hot channels, or ceil(log2 K) analog bits (Chen "
                                          "et al. 2022)", choices=REPRESENTATIONS)
@@ -466,7 +473,9 @@ def build_model_and_diffusion(config):
                           timestep_sampling=config.get("timestep_sampling", "uniform"),
                           loss_weighting=config.get("loss_weighting", "none"),
                           min_snr_gamma=config.get("min_snr_gamma", 5.0),
-                          num_classes=num_classes, representation=representation)
+                          num_classes=num_classes, representation=representation,
+                          input_scaling=config.get("input_scaling", "none"),
+                          time_floor=config.get("time_floor", 0.0))
     return model, diffusion
 
 

@@ -66,11 +66,15 @@ def test_old_configs_keep_their_meaning():
     """A checkpoint's config from before these rules: its shift was 1 (the published
     schedule) and its patience counted validations, which now means the step rule."""
     old = TrainConfig(image_size=128).to_dict()
-    for key in ("schedule_shift", "val_every", "min_steps", "max_steps", "auto_fields"):
+    for key in ("schedule_shift", "val_every", "min_steps", "max_steps", "auto_fields",
+                "input_scaling", "time_floor"):
         del old[key]
     old.update(eval_every=1, save_every=1, patience=10, batch_size=16, eval_steps=10)
     cfg = TrainConfig.from_dict(old)
     assert cfg.schedule_shift == 1.0 and cfg.patience == 0 and cfg.batch_size == 16
+    # before the network's view of x_t and t was scaled and floored: plain x_t and t
+    assert (cfg.input_scaling, cfg.time_floor) == ("none", 0.0)
+    assert (TrainConfig().input_scaling, TrainConfig().time_floor) == ("abar", 1e-3)
 
 
 def test_validation_mid_epoch_and_resume_from_it(tmp_path):

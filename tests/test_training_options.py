@@ -135,6 +135,40 @@ def test_options_train_and_reload(tmp_path):
     assert diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2).shape == (2, 1, 16, 16)
 
 
+def test_input_scaling_and_time_floor_are_what_the_network_sees():
+    """input_scaling="abar" hands the network sqrt(abar_t) x_t; a time_floor caps t at the
+    first timestep whose abar_t is below it, so every later one looks the same; without
+    them (Diffusion's own defaults) the network sees x_t and t unchanged. The sampler
+    calls the network through the same model_args."""
+    d = Diffusion(1000, prediction="x0", shift=64, input_scaling="abar", time_floor=1e-3)
+    abar, cap = d.alphas_cumprod, d.last_model_t
+    assert abar[cap] < 1e-3 <= abar[cap - 1] and 0 < cap < 999
+    x_t, image = torch.randn(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    t = torch.tensor([0, cap - 1, 999])
+    x_in, t_in = d.model_args(x_t, t, image)
+    assert torch.equal(t_in, torch.tensor([0, cap - 1, cap]))
+    scale = torch.tensor([abar[0], abar[cap - 1], abar[999]]).sqrt().view(3, 1, 1, 1)
+    assert torch.allclose(x_in[:, :1], x_t * scale)
+    assert torch.equal(x_in[:, 1:], image)
+    plain = Diffusion(1000, prediction="x0", shift=64)
+    x_in, t_in = plain.model_args(x_t, t, image)
+    assert torch.equal(x_in, torch.cat([x_t, image], 1)) and torch.equal(t_in, t)
+    # self-conditioning: the previous estimate is not scaled, only the noisy mask
+    sc = Diffusion(1000, prediction="x0", shift=64, self_condition=True, input_scaling="abar")
+    prev = torch.rand(3, 1, 4, 4)
+    x_in, _ = sc.model_args(x_t, t, image, prev)
+    assert torch.allclose(x_in[:, :1], x_t * scale) and torch.equal(x_in[:, 1:2], prev)
+
+    class TimeRecorder(Recorder):
+        def forward(self, x_in, t):
+            self.times = getattr(self, "times", []) + [t.clone()]
+            return super().forward(x_in, t)
+    model = TimeRecorder()
+    d.sample(model, torch.rand(2, 1, 4, 4), steps=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.times[0], torch.full((2,), cap))       # T-1, seen as the floor
+    assert model.inputs[0][:, :1].abs().max() < 1e-5              # sqrt(abar_999) x_T
+
+
 @pytest.mark.parametrize("num_classes,representation", [(2, "onehot"), (4, "onehot"), (4, "bits")])
 def test_x0_logits_is_cross_entropy_of_a_probability(num_classes, representation):
     """--prediction x0_logits: the estimate of x0 is 2 p - 1 with p a sigmoid (softmax over
