@@ -230,6 +230,9 @@ class Diffusion:
         if input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, "
                              f"got {input_scaling!r}")
+        if input_scaling == "abar" and prediction == "eps":
+            raise ValueError("input_scaling='abar' hides the noise that prediction='eps' must "
+                             "return (x_t arrives as ~0 at high noise): use input_scaling='none'")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                              f"got {loss_weighting!r}")

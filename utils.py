@@ -123,10 +123,11 @@ class TrainConfig:
     loss_weighting: str = _opt("none", "weight of the diffusion loss over timesteps "
                                        "(min_snr: Hang et al. 2023)", choices=LOSS_WEIGHTINGS)
     min_snr_gamma: float = _opt(5.0, "gamma of --loss-weighting min_snr")
-    input_scaling: str = _opt("abar", "the noisy mask the network sees: abar = sqrt(abar_t) "
+    input_scaling: str = _opt("auto", "the noisy mask the network sees: abar = sqrt(abar_t) "
                                       "x_t, its linear estimate of the clean mask (noise "
-                                      "without signal arrives as ~0); none = x_t",
-                              choices=INPUT_SCALINGS)
+                                      "without signal arrives as ~0); none = x_t; auto = "
+                                      "abar, but none for --prediction eps, which needs x_t",
+                              choices=("auto", *INPUT_SCALINGS))
     time_floor: float = _opt(1e-3, "timesteps whose abar_t (signal fraction of x_t) is "
                                    "below this reach the network as one timestep; 0 = off")
     representation: str = _opt("onehot", "a label map of K > 2 classes in diffusion space: K "
@@ -217,6 +218,9 @@ class TrainConfig:
         auto = [k for k in rules if not getattr(self, k)]
         for k in auto:
             setattr(self, k, rules[k])
+        if self.input_scaling == "auto":   # eps is read off x_t: it must see x_t itself
+            self.input_scaling = "none" if self.prediction == "eps" else "abar"
+            auto.append("input_scaling")
         if not self.eval_steps:   # follows the shift actually used, given or by rule
             self.eval_steps = validation_steps(self.schedule_shift)
             auto.append("eval_steps")
@@ -258,7 +262,12 @@ class TrainConfig:
 
     def describe_auto(self):
         """One line naming the settings a rule chose, for the start of a run."""
-        return ", ".join(f"{k.replace('_', '-')} {getattr(self, k):g}" for k in self.auto_fields)
+        return ", ".join(f"{k.replace('_', '-')} {_fmt_value(getattr(self, k))}"
+                         for k in self.auto_fields)
+
+
+def _fmt_value(value):
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def data_defaults(cfg, explicit=()):

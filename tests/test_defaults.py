@@ -19,7 +19,7 @@ def test_size_rule_table(size, batch, shift, eval_steps):
     assert size_defaults(size) == {"batch_size": batch, "schedule_shift": shift}
     cfg = TrainConfig(image_size=size)
     assert (cfg.batch_size, cfg.schedule_shift, cfg.eval_steps) == (batch, shift, eval_steps)
-    assert set(cfg.auto_fields) == {"batch_size", "schedule_shift", "eval_steps"}
+    assert set(cfg.auto_fields) == {"batch_size", "schedule_shift", "eval_steps", "input_scaling"}
 
 
 def test_an_explicit_flag_wins_over_the_rule():
@@ -27,7 +27,7 @@ def test_an_explicit_flag_wins_over_the_rule():
                                      "--schedule-shift", "1"])
     # validation steps follow the shift actually used: 10 for the published schedule
     assert cfg.batch_size == 16 and cfg.schedule_shift == 1.0 and cfg.eval_steps == 10
-    assert cfg.auto_fields == ("eval_steps",)
+    assert cfg.auto_fields == ("eval_steps", "input_scaling")
     assert TrainConfig(image_size=32, schedule_shift=16).eval_steps == 1
     # stored and read back: the resolved values, not the rule, so a later rule cannot
     # change what a checkpoint means
@@ -75,6 +75,20 @@ def test_old_configs_keep_their_meaning():
     # before the network's view of x_t and t was scaled and floored: plain x_t and t
     assert (cfg.input_scaling, cfg.time_floor) == ("none", 0.0)
     assert (TrainConfig().input_scaling, TrainConfig().time_floor) == ("abar", 1e-3)
+
+
+def test_input_scaling_by_prediction_type():
+    """The rule: the scaled x_t for x0, x0_logits and v; eps is read off x_t, so it keeps
+    x_t (asking for the scaled one with eps is refused); an explicit flag wins otherwise."""
+    from DDPM import Diffusion
+    for prediction, scaling in (("x0", "abar"), ("x0_logits", "abar"), ("v", "abar"),
+                                ("eps", "none")):
+        cfg = TrainConfig(prediction=prediction)
+        assert cfg.input_scaling == scaling and "input_scaling" in cfg.auto_fields
+        assert "input-scaling " + scaling in cfg.describe_auto()
+    assert TrainConfig(input_scaling="none").input_scaling == "none"
+    with pytest.raises(ValueError, match="eps"):
+        Diffusion(100, prediction="eps", input_scaling="abar")
 
 
 def test_validation_mid_epoch_and_resume_from_it(tmp_path):
