@@ -290,8 +290,6 @@ class Diffusion:
         # ~0 instead of full-strength noise. time_floor: the timesteps with abar_t below it
         # all reach the network as the first of them, so those steps, where the image alone
         # decides the mask, train one function instead of one per timestep index.
-        self.input_scale = f32(sqrt_alphas_cumprod if input_scaling == "abar"
-                               else torch.ones_like(alphas_cumprod))
         self.last_model_t = (self.num_timesteps - 1 if self.time_floor <= 0 else
                              min(self.num_timesteps - 1,
                                  int((alphas_cumprod >= self.time_floor).sum())))
@@ -310,7 +308,7 @@ class Diffusion:
               "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
               "sqrt_recipm1_alphas_cumprod", "posterior_variance",
               "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-              "loss_weights", "input_scale")
+              "loss_weights")
 
     def to(self, device):
         """Keep the schedule tables on `device`, so gathering them never copies host to GPU
@@ -325,7 +323,8 @@ class Diffusion:
                 f"prediction={self.prediction!r}, shift={self.shift:g}, "
                 f"self_condition={self.self_condition}, num_classes={self.num_classes}"
                 + (f", representation={self.representation!r}" if self.num_classes > 2 else "")
-                + (f", input_scaling={self.input_scaling!r}" if self.input_scaling != "none" else "")
+                + (f", input_scaling={self.input_scaling!r}"
+                   if self.input_scaling != "none" else "")
                 + (f", time_floor={self.time_floor:g}" if self.time_floor > 0 else "") + ")")
 
     # ------------------------------------------------------------------ the mask's coding
@@ -465,7 +464,7 @@ class Diffusion:
         self-conditioning x0_prev (zeros when None, as at the first step; ignored without),
         and the image (model_input). t_in is t, capped at last_model_t by a time_floor."""
         x_seen = x_t if self.input_scaling == "none" else (
-            x_t * extract(self.input_scale, t, x_t.shape).to(x_t.dtype))
+            x_t * extract(self.sqrt_alphas_cumprod, t, x_t.shape).to(x_t.dtype))
         if self.self_condition:
             x_in = model_input(x_seen, image,
                                torch.zeros_like(x_t) if x0_prev is None else x0_prev)

@@ -838,8 +838,9 @@ def finish_run(state, cfg, progress, val_loader, run_start):
     """The end of every run: choose the DDIM step count that gives best_iou.pt's EMA weights
     their best one-sample val Dice (the fewest within 0.001 of it: fewest_good_steps), store
     it as `sample_steps` (with the Dice of every candidate) in best_iou.pt, store the final
-    Progress (wall time, validation share, why it stopped) in last.pt, and say so. evaluate.py samples with
-    `sample_steps` when given no --steps; its cost is held in reserve by --max-minutes."""
+    Progress (wall time, validation share, why it stopped) in last.pt, and say so.
+    evaluate.py samples with `sample_steps` when given no --steps; its cost is held in
+    reserve by --max-minutes."""
     out = Path(cfg.out)
     if (out / "best_iou.pt").is_file():
         tick = time.time()
