@@ -185,19 +185,37 @@ def extract(arr, t, shape):
     return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))  # (B, 1, 1, 1)
 
 
-def ddim_timesteps(num_timesteps, steps):
+def ddim_timesteps(num_timesteps, steps, last_model_t=None):
     """The strided grid the DDIM sampler visits, as a descending list of ints.
 
-    Rule: `steps` timesteps evenly spaced from T-1 down to 0 inclusive, rounded to the
-    nearest integer: t_i = round((T-1) * (steps-1-i) / (steps-1)) for i = 0..steps-1.
-    Both ends are always included, so the first step starts from pure noise at T-1 and the
-    last one lands on t=0. With steps=1 the grid is [T-1]: one jump straight to x0.
+    Without a time floor (last_model_t None or T-1): `steps` timesteps evenly spaced from
+    T-1 down to 0 inclusive, rounded to the nearest integer: t_i = round((T-1) * (steps-1-i)
+    / (steps-1)) for i = 0..steps-1. The first step starts from pure noise at T-1, the last
+    lands on t=0. With steps=1 the grid is [T-1]: one jump straight to x0.
+
+    With a time floor (every t above last_model_t = L reaches the network as L): T-1 first
+    (pure noise; to the network it is L), then the steps-1 inner points of an even division
+    of 0..L into `steps` parts, t = round(L * (steps-1-i) / steps) for i = 0..steps-2, so no
+    step after the first is spent where the network cannot tell timesteps apart, and none
+    lands on t=0 (trailing spacing, Lin et al. 2024, "Common diffusion noise schedules and
+    sample steps are flawed"; with a large shift t=0 is far from clean: abar_0 = 0.86 at
+    128 px). The second step re-noises the first estimate with each sample's own noise,
+    which is what keeps the samples of an ensemble apart (benchmarks/RESULTS.md, "Samples
+    that differ"). At most L steps.
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
-    grid = [round((num_timesteps - 1) * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
+    if last_model_t is not None and last_model_t < num_timesteps - 1:
+        if steps > last_model_t:
+            raise ValueError(f"with a time floor the network tells {last_model_t + 1} "
+                             f"timesteps apart: at most {max(1, last_model_t)} DDIM steps, "
+                             f"got {steps}")
+        grid = [num_timesteps - 1] + [round(last_model_t * (steps - 1 - i) / steps)
+                                      for i in range(steps - 1)]
+    else:
+        grid = [round((num_timesteps - 1) * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
     assert len(set(grid)) == steps, grid  # spacing >= 1 keeps rounded values distinct
     return grid
 
@@ -293,6 +311,14 @@ class Diffusion:
         self.last_model_t = (self.num_timesteps - 1 if self.time_floor <= 0 else
                              min(self.num_timesteps - 1,
                                  int((alphas_cumprod >= self.time_floor).sum())))
+
+    @property
+    def max_ddim_steps(self):
+        """The most DDIM steps ddim_timesteps allows (T without a time floor); the full
+        ancestral sampler (steps = T) is always there."""
+        if self.last_model_t >= self.num_timesteps - 1:
+            return self.num_timesteps
+        return max(1, self.last_model_t)
 
     def _loss_weights(self, alphas_cumprod):
         """The loss_weight table, float64, shape (T,)."""
@@ -516,7 +542,8 @@ class Diffusion:
         """Yield (t, x_t, predicted x0) after every reverse step; for notebooks and videos.
 
         steps=None or steps=T: the full ancestral DDPM sampler over T-1..0.
-        Fewer steps: DDIM on the grid of `ddim_timesteps(T, steps)` with the given eta.
+        Fewer steps: DDIM on the grid of `ddim_timesteps(T, steps, last_model_t)` with the
+        given eta.
         noise: the starting x_T, (B, M, H, W); drawn from `generator` when None.
         """
         steps = self.num_timesteps if steps is None else int(steps)
@@ -529,7 +556,7 @@ class Diffusion:
         if steps == self.num_timesteps:
             grid = list(range(self.num_timesteps - 1, -1, -1))
         else:
-            grid = ddim_timesteps(self.num_timesteps, steps)
+            grid = ddim_timesteps(self.num_timesteps, steps, self.last_model_t)
         ancestral = steps == self.num_timesteps
         x0 = None   # the previous estimate, for self-conditioning: none before the first step
         for i in tqdm(range(len(grid)), disable=not progress, desc="sampling", leave=False):

@@ -824,7 +824,7 @@ STEP_DICE_TOLERANCE = 1e-3   # val Dice gaps below this are noise on a few dozen
 
 
 def sample_step_candidates(diffusion):
-    return [s for s in SAMPLE_STEP_CANDIDATES if s <= diffusion.num_timesteps]
+    return [s for s in SAMPLE_STEP_CANDIDATES if s <= diffusion.max_ddim_steps]
 
 
 def fewest_good_steps(dice, tolerance=STEP_DICE_TOLERANCE):

@@ -1,10 +1,13 @@
 """Why an ensemble's uncertainty does (not) predict its errors, on one checkpoint.
 
     python benchmarks/diagnose_uncertainty.py --checkpoint RUN/best_iou.pt --split val
+    python benchmarks/diagnose_uncertainty.py --checkpoint RUN/best_iou.pt --steps 1 2 5
 
-Samples a K-sample ensemble (DDIM, eta 0) for every image of the split the run held back,
-as evaluate.py does, and prints, over all pixels: the share of wrongly segmented pixels on
-which the K thresholded samples disagree at all (and of the right ones); the pixel-error
+Samples a K-sample ensemble (DDIM, --eta) for every image of the split the run held back,
+as evaluate.py does, once per --steps value, and prints for each: the mean Dice of the
+fused (mean) ensemble and of its single samples; over all pixels, the share of wrongly
+segmented pixels on which the K thresholded samples disagree at all (and of the right
+ones); the pixel-error
 AUROC of the entropy of the mean probability (evaluate.py's measure), of that entropy
 rounded to 1e-4, 1e-3 and 1e-2 bits (so near-certain pixels tie instead of being ranked
 by float noise), of the entropy of the vote fraction, and of the per-pixel variance. Writes
@@ -22,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from evaluate import build_parser as evaluate_parser  # noqa: E402
 from evaluate import predict, scored_dataset  # noqa: E402
-from utils import auroc, load_checkpoint  # noqa: E402
+from utils import auroc, load_checkpoint, overlap_scores  # noqa: E402
 
 
 def evaluate_args(checkpoint, data, split):
@@ -44,7 +47,8 @@ def main():
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", default=None, help="default: the run's own data")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, nargs="+", default=[5])
+    parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -54,21 +58,27 @@ def main():
                  "scores binary masks (use evaluate.py for label maps)")
     data = scored_dataset(cfg, evaluate_args(args.checkpoint, args.data, args.split))
     images, masks = map(torch.stack, zip(*[data[i] for i in range(len(data))]))
-    fused, samples, unc = predict(model, diffusion, images, args.steps, ensemble=args.ensemble,
-                                  generator=torch.Generator().manual_seed(args.seed))
-    wrong = ((fused > 0.5) != (masks > 0.5)).numpy().ravel()
-    entropy = unc["entropy"].numpy().ravel()
-    votes = (samples > 0.5).float().mean(1).numpy().ravel()
-    disagree = (votes > 0) & (votes < 1)
-    print(f"{len(data)} images, {wrong.mean():.2%} of pixels wrong; samples disagree on "
-          f"{disagree[wrong].mean():.1%} of the wrong pixels and {disagree[~wrong].mean():.2%} "
-          f"of the right ones")
-    print(f"pixel-error AUROC: entropy {auroc(entropy, wrong):.3f}; "
-          + "; ".join(f"rounded to {r:g} bits {auroc(np.round(entropy / r) * r, wrong):.3f}"
-                      for r in (1e-4, 1e-3, 1e-2))
-          + f"; vote entropy {auroc(binary_entropy(votes), wrong):.3f}; "
-          f"variance {auroc(unc['variance'].numpy().ravel(), wrong):.3f}")
-
+    truth = masks > 0.5
+    for steps in args.steps:
+        fused, samples, unc = predict(model, diffusion, images, steps, ensemble=args.ensemble,
+                                      eta=args.eta,
+                                      generator=torch.Generator().manual_seed(args.seed))
+        dice = overlap_scores(fused > 0.5, truth)[0].mean().item()
+        single = np.mean([overlap_scores(samples[:, k:k + 1] > 0.5, truth)[0].mean().item()
+                          for k in range(samples.shape[1])])
+        wrong = ((fused > 0.5) != truth).numpy().ravel()
+        entropy = unc["entropy"].numpy().ravel()
+        votes = (samples > 0.5).float().mean(1).numpy().ravel()
+        disagree = (votes > 0) & (votes < 1)
+        print(f"\n{steps} DDIM steps, eta {args.eta:g}, K={args.ensemble}, {len(data)} images: "
+              f"Dice fused {dice:.4f}, single samples {single:.4f}; {wrong.mean():.2%} of "
+              f"pixels wrong; samples disagree on {disagree[wrong].mean():.1%} of the wrong "
+              f"pixels and {disagree[~wrong].mean():.2%} of the right ones")
+        print(f"pixel-error AUROC: entropy {auroc(entropy, wrong):.3f}; "
+              + "; ".join(f"rounded to {r:g} bits {auroc(np.round(entropy / r) * r, wrong):.3f}"
+                          for r in (1e-4, 1e-3, 1e-2))
+              + f"; vote entropy {auroc(binary_entropy(votes), wrong):.3f}; "
+              f"variance {auroc(unc['variance'].numpy().ravel(), wrong):.3f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -138,6 +138,26 @@ def test_ddim_grid_rule():
         ddim_timesteps(1000, 0)
 
 
+def test_ddim_grid_with_a_time_floor_skips_the_floored_steps():
+    """With a floor the grid starts at T-1 and spends every later step in 0..L (trailing
+    spacing, t=0 left out); without one it is the grid above, so older runs sample as before."""
+    assert ddim_timesteps(1000, 2, last_model_t=286) == [999, 143]
+    assert ddim_timesteps(1000, 5, last_model_t=286) == [999, 229, 172, 114, 57]
+    assert ddim_timesteps(1000, 1, last_model_t=286) == [999]
+    assert ddim_timesteps(1000, 10, last_model_t=999) == ddim_timesteps(1000, 10)
+    assert ddim_timesteps(1000, 71, last_model_t=71) == [999, *range(70, 0, -1)]
+    with pytest.raises(ValueError, match="at most 71"):
+        ddim_timesteps(1000, 72, last_model_t=71)
+    d = Diffusion(1000, prediction="x0", shift=64, input_scaling="abar", time_floor=1e-3)
+    assert d.last_model_t == 286 and d.max_ddim_steps == 286
+    assert Diffusion(1000).max_ddim_steps == 1000
+    seen = []
+    model = lambda x, t: (seen.append(int(t[0])), torch.zeros_like(x[:, :1]))[1]  # noqa: E731
+    model.parameters = lambda: iter([torch.zeros(1)])
+    list(d.sample_progressive(model, torch.zeros(1, 1, 8, 8), steps=3))
+    assert seen == [286, 191, 95]   # T-1 reaches the network as L, then the grid's own t
+
+
 class Oracle(nn.Module):
     """Knows the true mask: returns the exact eps / x0 / v for whatever x_t it is given."""
 
