@@ -50,7 +50,7 @@ from dataset import (FIT_MODES, IMAGE_EXTENSIONS, VOLUME_ENDINGS, DatasetError, 
                      windowed_channels)
 from utils import (FUSIONS, CheckpointError, auroc, calibration_bins,
                    expected_calibration_error, fuse_samples, load_checkpoint, mask_metrics,
-                   overlap_scores, read_checkpoint, uncertainty_maps)
+                   overlap_scores, read_checkpoint, stored_sample_steps, uncertainty_maps)
 
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "hd95_max", "assd", "boundary_f1")
 # class colours on the picture sheets of label maps: class k gets CLASS_COLOURS[k - 1]
@@ -531,7 +531,8 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=None,
                         help="DDIM steps; the diffusion's T (e.g. 1000) = full ancestral "
                              "DDPM; default: the count the checkpoint's run chose on its val "
-                             "split (25 for checkpoints without one)")
+                             "split for one sample, or for an ensemble (which needs 2 or more "
+                             "when one step gives K equal samples); 25 without one")
     parser.add_argument("--ensemble", type=int, default=5, help="samples per image")
     parser.add_argument("--fusion", default="mean", choices=FUSIONS)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
@@ -609,7 +610,7 @@ def main(argv=None):
             raise ValueError("--fusion staple is binary STAPLE; this checkpoint segments "
                              f"{diffusion.num_classes} classes: use --fusion mean or vote")
         if args.steps is None:
-            args.steps = state.get("sample_steps") or 25
+            args.steps = stored_sample_steps(state, args.ensemble, diffusion)
         device = torch.device(args.device)
         model = prepare_model(model, device, args.compile)
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]

@@ -666,7 +666,8 @@ def restore(state, cfg, path):
     progress, rngs = restore_checkpoint(path, cfg, state.raw_model, state.ema, state.optimizer,
                                         state.scheduler, state.scaler, state.adversary)
     progress.stopped_early = progress.stopped_by_time = False
-    progress.sample_steps = progress.sample_steps_dice = None   # chosen again at the end
+    progress.sample_steps = progress.sample_steps_dice = progress.ensemble_steps = None
+    # ... chosen again at the end
     if progress.batch and len(rngs) != world:
         print0(f"resume: the run stopped inside epoch {progress.epoch + 1} with "
                f"{len(rngs)} processes, now {world}; the shards differ, so that epoch "
@@ -819,7 +820,9 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     return vis
 
 
-SAMPLE_STEP_CANDIDATES = (1, 2, 5, 10, 25)
+# 25 is left out: over 29 finished runs (benchmarks/step_choices.py) it never beat 10 by
+# more than the tolerance, and at 256 px it made the choice cost 13% of a 20-minute run
+SAMPLE_STEP_CANDIDATES = (1, 2, 5, 10)
 STEP_DICE_TOLERANCE = 1e-3   # val Dice gaps below this are noise on a few dozen images
 
 
@@ -834,13 +837,35 @@ def fewest_good_steps(dice, tolerance=STEP_DICE_TOLERANCE):
     return min(steps for steps, d in dice.items() if d >= best - tolerance)
 
 
+def ensemble_steps(dice, diffusion, tolerance=STEP_DICE_TOLERANCE):
+    """The DDIM steps for an ensemble of K > 1 samples, from the same val Dice ({steps:
+    one-sample Dice}). With input_scaling="abar" one step gives K copies of one sample (the
+    pure-noise start reaches the network as ~0), so there it is the fewest of 2 or more
+    steps within `tolerance` of the best: the second step re-noises the first estimate with
+    each sample's own noise, and the samples differ where the network is unsure. Where no
+    such count is that close, or the samples differ at one step anyway: fewest_good_steps."""
+    if diffusion.input_scaling == "abar":
+        best = max(dice.values())
+        spread = [steps for steps, d in dice.items() if steps > 1 and d >= best - tolerance]
+        if spread:
+            return min(spread)
+    return fewest_good_steps(dice, tolerance)
+
+
+def score_sample_steps(model, diffusion, val_loader, cfg, device, dtype):
+    """{steps: one-sample val Dice} of `model` at every candidate DDIM step count."""
+    return {steps: validate(model, diffusion, val_loader, cfg, device, dtype, steps)[2]
+            for steps in sample_step_candidates(diffusion)}
+
+
 def finish_run(state, cfg, progress, val_loader, run_start):
     """The end of every run: choose the DDIM step count that gives best_iou.pt's EMA weights
     their best one-sample val Dice (the fewest within 0.001 of it: fewest_good_steps), store
-    it as `sample_steps` (with the Dice of every candidate) in best_iou.pt, store the final
+    it as `sample_steps` (with the Dice of every candidate, and the count for an ensemble,
+    `ensemble_steps`) in best_iou.pt, store the final
     Progress (wall time, validation share, why it stopped) in last.pt, and say so.
-    evaluate.py samples with `sample_steps` when given no --steps; its cost is held in
-    reserve by --max-minutes."""
+    evaluate.py samples with `sample_steps` (one sample) or `ensemble_steps` (K > 1) when
+    given no --steps; the choice's cost is held in reserve by --max-minutes."""
     out = Path(cfg.out)
     if (out / "best_iou.pt").is_file():
         tick = time.time()
@@ -853,21 +878,23 @@ def finish_run(state, cfg, progress, val_loader, run_start):
         if all_reduce_sums([failed], state.device)[0] > 0:
             raise RunFolderError(f"could not read {out / 'best_iou.pt'} back to choose the "
                                  f"sampling steps: {error if failed else 'on another rank'}")
-        dice = {steps: validate(model, state.diffusion, val_loader, cfg, state.device,
-                                state.dtype, steps)[2]
-                for steps in sample_step_candidates(state.diffusion)}
+        dice = score_sample_steps(model, state.diffusion, val_loader, cfg, state.device,
+                                  state.dtype)
         progress.sample_steps = fewest_good_steps(dice)
+        progress.ensemble_steps = ensemble_steps(dice, state.diffusion)
         progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
         progress.val_seconds += time.time() - tick
         print0("sampling steps by val Dice of best_iou.pt (one sample): "
                + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
-               + f"; evaluate.py will use {progress.sample_steps}")
+               + f"; evaluate.py will use {progress.sample_steps} for one sample, "
+               f"{progress.ensemble_steps} for an ensemble")
     progress.wall_seconds = time.time() - run_start
     failure = None
     if is_main():
         try:
             updates = {"best_iou.pt": {"sample_steps": progress.sample_steps,
-                                       "sample_steps_dice": progress.sample_steps_dice},
+                                       "sample_steps_dice": progress.sample_steps_dice,
+                                       "ensemble_steps": progress.ensemble_steps},
                        "last.pt": dataclasses.asdict(progress)}
             for name, update in updates.items():
                 if (out / name).is_file():

@@ -377,6 +377,7 @@ class Progress:
     stopped_by_time: bool = False    # on --max-minutes
     sample_steps: Optional[int] = None        # DDIM steps that scored best on val at the end
     sample_steps_dice: Optional[list] = None  # ... [[steps, one-sample val Dice], ...]
+    ensemble_steps: Optional[int] = None      # ... for an ensemble (train_utils.ensemble_steps)
 
     def record_validation(self, val_iou, val_mse, min_delta):
         """Fold one validation in; returns the best_*.pt files to write.
@@ -392,7 +393,8 @@ class Progress:
             self.patience_iou, self.patience_step = val_iou, self.step
         if val_iou > self.best_iou:
             self.best_iou = val_iou
-            self.sample_steps = self.sample_steps_dice = None   # chosen for other weights
+            self.sample_steps = self.sample_steps_dice = self.ensemble_steps = None
+            # ... chosen for other weights
             saves.append("best_iou.pt")
         if val_mse < self.best_mse:
             self.best_mse = val_mse
@@ -486,6 +488,15 @@ def build_model_and_diffusion(config):
                           input_scaling=config.get("input_scaling", "none"),
                           time_floor=config.get("time_floor", 0.0))
     return model, diffusion
+
+
+def stored_sample_steps(state, ensemble=1, diffusion=None):
+    """The DDIM steps a finished run chose on its val split (a checkpoint dict), for
+    `ensemble` samples per image: evaluate.py's default. `ensemble_steps` for K > 1 where
+    stored, else `sample_steps`; for a checkpoint from before the choice (or a run stopped
+    before it), 25, or the most the checkpoint's `diffusion` allows if fewer."""
+    fallback = 25 if diffusion is None else min(25, diffusion.max_ddim_steps)
+    return (ensemble > 1 and state.get("ensemble_steps")) or state.get("sample_steps") or fallback
 
 
 def previous_checkpoint(path):

@@ -5,9 +5,10 @@
 
 DDPM-v2: `python main.py --max-minutes M` with the default config plus --flags and
 --ddpm-flags; best_iou.pt (EMA) is scored by evaluate.evaluate with one sample and a K=5
-ensemble (mean fusion), sampled with the DDIM step count the run chose on its val split at
-its end (as evaluate.py does), or with --steps: given several, e.g. `--steps 1 5 25`, the
-count is chosen on the validation split here (one sample, highest Dice). The ensemble's
+ensemble (mean fusion), sampled with the DDIM step counts the run chose on its val split
+at its end for one sample and for an ensemble (as evaluate.py does), or with --steps:
+given several, e.g. `--steps 1 5 25`, the counts are chosen on the validation split here
+as a run chooses them (train_utils.fewest_good_steps, ensemble_steps). The ensemble's
 uncertainty (pixel-error AUROC, entropy on wrong and right pixels) and calibration (ECE)
 are reported beside its Dice; evaluate.py's files for both rows land under --out.
 Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained on the same
@@ -43,9 +44,11 @@ from DDPM import one_hot_labels, true_labels  # noqa: E402
 from dataset import build_datasets, load_split, make_loader, set_epoch  # noqa: E402
 from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
-from train_utils import EMA, dataset_options, fewest_good_steps, soft_dice_loss  # noqa: E402
-from utils import (TrainConfig, class_overlap, load_checkpoint, model_keys,  # noqa: E402
-                   read_checkpoint, seed_everything)
+from train_utils import (EMA, dataset_options, ensemble_steps, fewest_good_steps,  # noqa: E402
+                         soft_dice_loss)
+from utils import (TrainConfig, build_model_and_diffusion, class_overlap,  # noqa: E402
+                   load_checkpoint, model_keys, read_checkpoint, seed_everything,
+                   stored_sample_steps)
 
 # main.py flags the benchmark sets itself, for both models
 OWN_FLAGS = ("--data", "--image-size", "--seed", "--out", "--max-minutes", "--resume")
@@ -198,6 +201,11 @@ def main():
                                   "--seed", str(args.seed), "--out", str(out / "ddpm"), *flags])
     test = load_split(args.data, "test", image_size=args.image_size, channels=cfg.channels,
                       seed=cfg.seed, **dataset_options(cfg))
+    limit = build_model_and_diffusion(cfg.to_dict())[1].max_ddim_steps
+    too_many = [s for s in args.steps or () if s > limit and s != cfg.timesteps]
+    if too_many:   # before the training, not after it
+        parser.error(f"--steps {too_many}: this config's DDIM sampler takes at most {limit} "
+                     f"steps (or {cfg.timesteps}, the ancestral sampler)")
 
     if args.reuse_ddpm:
         last = read_checkpoint(out / "ddpm" / "last.pt")
@@ -218,17 +226,20 @@ def main():
                        cwd=ROOT, check=True)
     model, diffusion, ddpm_cfg = load_checkpoint(out / "ddpm" / "best_iou.pt")
     stored = read_checkpoint(out / "ddpm" / "best_iou.pt")
-    if args.steps is None:
-        steps = stored.get("sample_steps") or 25
+    if args.steps is None:   # as evaluate.py: the run's choice for one sample, for K
+        steps = {k: stored_sample_steps(stored, k) for k in (1, args.ensemble)}
         val_dice = dict(map(tuple, stored.get("sample_steps_dice") or []))
     else:
-        steps, val_dice = choose_steps(model, diffusion, ddpm_cfg, args.steps, args.seed)
+        chosen, val_dice = choose_steps(model, diffusion, ddpm_cfg, args.steps, args.seed)
+        steps = {1: chosen,
+                 args.ensemble: ensemble_steps(val_dice, diffusion) if val_dice else chosen}
     print("DDIM steps by val Dice (one sample): "
-          + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items()) + f"; using {steps}")
+          + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items())
+          + f"; using {steps[1]} for one sample, {steps[args.ensemble]} for K={args.ensemble}")
     results = {}
     for k in (1, args.ensemble):   # each from the seed, as evaluate.py and bench_sampling
-        metrics = evaluate(model, diffusion, test, out / f"eval-k{k}", steps=steps, ensemble=k,
-                           seed=args.seed)
+        metrics = evaluate(model, diffusion, test, out / f"eval-k{k}", steps=steps[k],
+                           ensemble=k, seed=args.seed)
         m, u = metrics["metrics"], metrics["uncertainty"]
         results[f"DDPM-v2 K={k}"] = {
             "dice": m["dice"]["mean"], "iou": m["iou"]["mean"], "hd95": m["hd95"]["mean"],
@@ -245,7 +256,8 @@ def main():
                                 cfg.num_classes)
 
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
-          f"{len(test)} test images, DDPM-v2 sampled with {steps} DDIM steps")
+          f"{len(test)} test images, DDPM-v2 sampled with {steps[1]} DDIM steps "
+          f"(K={args.ensemble}: {steps[args.ensemble]})")
     print(f"{'model':20s} {'Dice':>7s} {'IoU':>7s} {'HD95 px':>8s} {'AUROC':>6s} "
           f"{'H wrong':>7s} {'H right':>7s} {'ECE':>7s}")
     for model_name, r in results.items():
@@ -256,7 +268,8 @@ def main():
             print(" " * 21 + "Dice per class: " + "  ".join(
                 f"{c}: {d:.4f}" for c, d in r["dice_per_class"].items()))
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
-              "seed": args.seed, "steps": steps, "val_dice_by_steps": val_dice, "flags": flags,
+              "seed": args.seed, "steps": steps[1], "ensemble_steps": steps[args.ensemble],
+              "val_dice_by_steps": val_dice, "flags": flags,
               "ddpm_flags": ddpm_flags,
               "reused_ddpm": args.reuse_ddpm, "results": results,
               "baseline_training": info, "threads": torch.get_num_threads()}

@@ -10,8 +10,8 @@ Each variant is `name=main.py flags` on top of the defaults (the rules by image 
 included). Runs are bounded by steps (no time limit, no early stop) like bench_shift.py,
 so --parallel N runs N at once, each pinned to one CPU, without changing the figures. Each
 best_iou.pt is then scored by evaluate.evaluate on the val split with the DDIM steps the
-run chose at its end. Choosing defaults on val keeps the test split for the final
-comparison. Prints a table and writes JSON beside the runs.
+run chose at its end (for one sample, and for the ensemble). Choosing defaults on val keeps
+the test split for the final comparison. Prints a table and writes JSON beside the runs.
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_shift import finished, run_all  # noqa: E402
 from diagnose_uncertainty import evaluate_args  # noqa: E402
 from evaluate import evaluate, scored_dataset  # noqa: E402
-from utils import load_checkpoint, read_checkpoint  # noqa: E402
+from utils import load_checkpoint, read_checkpoint, stored_sample_steps  # noqa: E402
 
 OWN_FLAGS = ("--data", "--image-size", "--max-steps", "--max-minutes", "--seed", "--min-steps",
              "--out", "--resume")
@@ -40,11 +40,12 @@ def score_on_val(run, ensemble, seed):
     model, diffusion, cfg = load_checkpoint(run / "best_iou.pt")
     state = read_checkpoint(run / "best_iou.pt")
     val = scored_dataset(cfg, evaluate_args(run / "best_iou.pt", None, "val"))
-    steps = state.get("sample_steps") or 25
-    row = {"steps": steps, "best_step": state["step"], "best_val_iou": state["best_iou"]}
+    row = {"steps": stored_sample_steps(state), "ensemble_steps":
+           stored_sample_steps(state, ensemble), "best_step": state["step"],
+           "best_val_iou": state["best_iou"]}
     for k in (1, ensemble):
-        m = evaluate(model, diffusion, val, run / f"eval-val-k{k}", steps=steps, ensemble=k,
-                     seed=seed)
+        m = evaluate(model, diffusion, val, run / f"eval-val-k{k}",
+                     steps=stored_sample_steps(state, k), ensemble=k, seed=seed)
         row[f"dice_k{k}"] = m["metrics"]["dice"]["mean"]
         if k > 1:
             u = m["uncertainty"]
@@ -92,10 +93,11 @@ def main():
             for name, seed in runs}
     print(f"\n{Path(args.data).name} at {args.image_size} px, {args.steps} steps; val split, "
           f"K={args.ensemble}")
-    print(f"{'variant':22s} {'steps':>5s} {'Dice K=1':>8s} {f'K={args.ensemble}':>8s} "
+    print(f"{'variant':22s} {'steps':>6s} {'Dice K=1':>8s} {f'K={args.ensemble}':>8s} "
           f"{'AUROC':>6s} {'H wrong':>7s} {'H right':>7s} {'ECE':>7s}")
     for name, r in rows.items():
-        print(f"{name:22s} {r['steps']:5d} {r['dice_k1']:8.4f} {r[f'dice_k{args.ensemble}']:8.4f} "
+        steps = f"{r['steps']}/{r['ensemble_steps']}"   # for one sample / the ensemble
+        print(f"{name:22s} {steps:>6s} {r['dice_k1']:8.4f} {r[f'dice_k{args.ensemble}']:8.4f} "
               f"{r['auroc']:6.3f} {r['entropy_wrong']:7.3f} {r['entropy_right']:7.3f} "
               f"{r['ece']:7.4f}")
     means = {name: {k: float(np.mean([rows[f"{name}-seed{s}"][k] for s in args.seeds]))

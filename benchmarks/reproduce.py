@@ -52,7 +52,8 @@ def run_share(run_folder):
     wall = state.get("wall_seconds") or 0.0
     return {"minutes": wall / 60, "steps": state["step"],
             "validation_share": state.get("val_seconds", 0.0) / wall if wall else None,
-            "stopped_early": state.get("stopped_early"), "sample_steps": state.get("sample_steps")}
+            "stopped_early": state.get("stopped_early"), "sample_steps": state.get("sample_steps"),
+            "ensemble_steps": state.get("ensemble_steps")}
 
 
 def quality(data, size, minutes, seed, out, flags=()):
@@ -61,6 +62,7 @@ def quality(data, size, minutes, seed, out, flags=()):
          *([f"--flags={' '.join(flags)}"] if flags else [])])
     report = json.loads((Path(out) / "results.json").read_text())
     return {"results": report["results"], "steps": report["steps"],
+            "ensemble_steps": report.get("ensemble_steps", report["steps"]),
             "ddpm_run": run_share(Path(out) / "ddpm")}
 
 
@@ -136,10 +138,11 @@ def main():
         for seed, r in seeds.items():
             share = r["ddpm_run"]["validation_share"]
             for name, m in r["results"].items():
+                steps = r["steps"] if "K=1" in name else r.get("ensemble_steps", r["steps"])
                 print(f"| {part} {seed} | {name} | {m['dice']:.4f} | {m['iou']:.4f} | "
                       f"{m['hd95']:.2f} | {m.get('auroc', float('nan')):.3f} | "
                       f"{m.get('ece', float('nan')):.4f} | "
-                      f"{r['steps'] if 'DDPM' in name else ''} | "
+                      f"{steps if 'DDPM' in name else ''} | "
                       f"{f'{share:.0%}' if 'DDPM' in name and share is not None else ''} |")
     for part in ("small", "demo", "organs64"):
         if part in report["parts"]:

@@ -10,8 +10,9 @@ import torch
 
 import evaluate
 from DDPM import Diffusion
-from train_utils import fewest_good_steps
-from utils import auroc, fuse_samples, mask_metrics, staple, uncertainty_maps
+from train_utils import ensemble_steps, fewest_good_steps
+from utils import (auroc, fuse_samples, load_checkpoint, mask_metrics, staple,
+                   uncertainty_maps)
 
 
 def blank(h=32, w=32):
@@ -313,7 +314,6 @@ def test_evaluate_defaults_to_the_runs_own_test_split(tiny_run, tmp_path):
     """Without --data the checkpoint's own data is scored: for the synthetic default, the
     seeded test split its run set aside (8 images in the tiny run), as if passed by hand."""
     from dataset import build_datasets
-    from utils import load_checkpoint
     metrics = evaluate.main(["--checkpoint", str(tiny_run / "best_iou.pt"), "--steps", "2",
                              "--out", str(tmp_path / "own")])
     assert metrics["images"] == 8 and metrics["data"] == {"data": None, "split": "test"}
@@ -398,15 +398,25 @@ def test_expected_calibration_error_on_crafted_probabilities():
 
 def test_no_sampler_flags_use_the_runs_choice(tiny_run, tmp_path):
     """Without --steps and --ensemble: a K=5 ensemble with the DDIM step count the run chose
-    on its val split at the end of training (stored in the checkpoint)."""
+    on its val split at the end of training for an ensemble (stored in the checkpoint);
+    --ensemble 1 with the count chosen for one sample."""
     state = torch.load(tiny_run / "best_iou.pt", weights_only=True)
     dice = dict(map(tuple, state["sample_steps_dice"]))
     assert state["sample_steps"] == fewest_good_steps(dice)
+    assert state["ensemble_steps"] == ensemble_steps(dice, load_checkpoint(
+        tiny_run / "best_iou.pt")[1])
     metrics = evaluate.main(["--checkpoint", str(tiny_run / "best_iou.pt"),
                              "--out", str(tmp_path / "e")])
-    assert metrics["settings"]["steps"] == state["sample_steps"]
+    assert metrics["settings"]["steps"] == state["ensemble_steps"]
     assert metrics["settings"]["ensemble"] == 5
-    del state["sample_steps"]                            # a checkpoint from before the choice
+    torch.save({**state, "sample_steps": 1, "ensemble_steps": 2}, tmp_path / "two.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "two.pt"), "--steps", "1",
+                          "--out", str(tmp_path / "given")])["settings"]["steps"] == 1
+    assert evaluate.main(["--checkpoint", str(tmp_path / "two.pt"),
+                          "--out", str(tmp_path / "k5")])["settings"]["steps"] == 2
+    assert evaluate.main(["--checkpoint", str(tmp_path / "two.pt"), "--ensemble", "1",
+                          "--out", str(tmp_path / "k1")])["settings"]["steps"] == 1
+    del state["sample_steps"], state["ensemble_steps"]  # a checkpoint from before the choice
     torch.save(state, tmp_path / "old.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--ensemble", "1",
                           "--out", str(tmp_path / "o")])["settings"]["steps"] == 25

@@ -10,8 +10,8 @@ import main
 import train_utils
 from conftest import TINY_FLAGS
 from DDPM import Diffusion
-from train_utils import fewest_good_steps, lr_factor, train
-from utils import TrainConfig, load_checkpoint
+from train_utils import ensemble_steps, fewest_good_steps, lr_factor, train
+from utils import TrainConfig, load_checkpoint, stored_sample_steps
 
 
 class Recorder(torch.nn.Module):
@@ -123,13 +123,15 @@ def test_options_train_and_reload(tmp_path):
                                            "--loss-weighting", "min_snr",
                                            "--out", str(tmp_path / "run")])
     result = train(cfg)
-    assert result.progress.sample_steps in (1, 2, 5, 10, 25)
+    assert result.progress.sample_steps in (1, 2, 5, 10)
     dice = dict(map(tuple, result.progress.sample_steps_dice))
-    assert sorted(dice) == [1, 2, 5, 10, 25]
+    assert sorted(dice) == [1, 2, 5, 10]
     assert result.progress.sample_steps == fewest_good_steps(dice)
     state = torch.load(tmp_path / "run" / "best_iou.pt", weights_only=True)
     assert state["sample_steps"] == result.progress.sample_steps
     model, diffusion, config = load_checkpoint(tmp_path / "run" / "best_iou.pt")
+    assert state["ensemble_steps"] == result.progress.ensemble_steps == ensemble_steps(
+        dice, diffusion)
     assert diffusion.self_condition and config.loss_weighting == "min_snr"
     assert model.in_channels == 3
     assert diffusion.sample(model, torch.rand(2, 1, 16, 16), steps=2).shape == (2, 1, 16, 16)
@@ -208,3 +210,22 @@ def test_sampling_steps_fewest_within_tolerance():
     assert fewest_good_steps({1: 0.90, 5: 0.90}) == 1                  # a tie: fewer
     assert fewest_good_steps({1: 0.90, 5: 0.95}, tolerance=0.1) == 1
     assert fewest_good_steps({1: 0.90, 5: 0.95}, tolerance=0.0) == 5
+
+
+def test_ensemble_steps_spread_the_samples_when_one_step_cannot():
+    """With the scaled input one DDIM step gives K equal samples: an ensemble takes the
+    fewest of 2+ steps within 0.001 of the best one-sample val Dice, else the run's choice;
+    without the scaling (samples differ at one step) the run's choice. evaluate.py's default
+    reads the count for its K from the checkpoint (stored_sample_steps)."""
+    scaled = Diffusion(prediction="x0", shift=64, input_scaling="abar", time_floor=1e-3)
+    plain = Diffusion(prediction="eps", shift=64)
+    close = {1: 0.9775, 2: 0.9768, 5: 0.9771, 10: 0.9760}   # jsrt-lungs 128 px, seed 0, val
+    assert fewest_good_steps(close) == 1
+    assert ensemble_steps(close, scaled) == 2 and ensemble_steps(close, plain) == 1
+    assert ensemble_steps({1: 0.9775, 2: 0.9751, 5: 0.9766}, scaled) == 5
+    assert ensemble_steps({1: 0.9775, 2: 0.9751, 5: 0.9746}, scaled) == 1   # accuracy first
+    assert ensemble_steps({1: 0.95, 2: 0.96}, plain) == 2
+    state = {"sample_steps": 1, "ensemble_steps": 2}
+    assert stored_sample_steps(state) == 1 and stored_sample_steps(state, 5) == 2
+    assert stored_sample_steps({"sample_steps": 1}, 5) == 1           # before the choice
+    assert stored_sample_steps({}, 5) == stored_sample_steps({}) == 25
