@@ -821,7 +821,7 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
 
 
 # 25 is left out: over 29 finished runs (benchmarks/step_choices.py) it never beat 10 by
-# more than the tolerance, and at 256 px it made the choice cost 13% of a 20-minute run
+# more than the tolerance, and at 256 px the choice with it took 170 s of a 1208-s run
 SAMPLE_STEP_CANDIDATES = (1, 2, 5, 10)
 STEP_DICE_TOLERANCE = 1e-3   # val Dice gaps below this are noise on a few dozen images
 
@@ -862,8 +862,8 @@ def finish_run(state, cfg, progress, val_loader, run_start):
     """The end of every run: choose the DDIM step count that gives best_iou.pt's EMA weights
     their best one-sample val Dice (the fewest within 0.001 of it: fewest_good_steps), store
     it as `sample_steps` (with the Dice of every candidate, and the count for an ensemble,
-    `ensemble_steps`) in best_iou.pt, store the final
-    Progress (wall time, validation share, why it stopped) in last.pt, and say so.
+    `ensemble_steps`) in best_iou.pt, store the final Progress (wall time, validation
+    share, why it stopped) in last.pt, and say so.
     evaluate.py samples with `sample_steps` (one sample) or `ensemble_steps` (K > 1) when
     given no --steps; the choice's cost is held in reserve by --max-minutes."""
     out = Path(cfg.out)

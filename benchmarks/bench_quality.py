@@ -227,7 +227,7 @@ def main():
     model, diffusion, ddpm_cfg = load_checkpoint(out / "ddpm" / "best_iou.pt")
     stored = read_checkpoint(out / "ddpm" / "best_iou.pt")
     if args.steps is None:   # as evaluate.py: the run's choice for one sample, for K
-        steps = {k: stored_sample_steps(stored, k) for k in (1, args.ensemble)}
+        steps = {k: stored_sample_steps(stored, k, diffusion) for k in (1, args.ensemble)}
         val_dice = dict(map(tuple, stored.get("sample_steps_dice") or []))
     else:
         chosen, val_dice = choose_steps(model, diffusion, ddpm_cfg, args.steps, args.seed)

@@ -40,12 +40,12 @@ def score_on_val(run, ensemble, seed):
     model, diffusion, cfg = load_checkpoint(run / "best_iou.pt")
     state = read_checkpoint(run / "best_iou.pt")
     val = scored_dataset(cfg, evaluate_args(run / "best_iou.pt", None, "val"))
-    row = {"steps": stored_sample_steps(state), "ensemble_steps":
-           stored_sample_steps(state, ensemble), "best_step": state["step"],
-           "best_val_iou": state["best_iou"]}
+    row = {"steps": stored_sample_steps(state, 1, diffusion),
+           "ensemble_steps": stored_sample_steps(state, ensemble, diffusion),
+           "best_step": state["step"], "best_val_iou": state["best_iou"]}
     for k in (1, ensemble):
         m = evaluate(model, diffusion, val, run / f"eval-val-k{k}",
-                     steps=stored_sample_steps(state, k), ensemble=k, seed=seed)
+                     steps=stored_sample_steps(state, k, diffusion), ensemble=k, seed=seed)
         row[f"dice_k{k}"] = m["metrics"]["dice"]["mean"]
         if k > 1:
             u = m["uncertainty"]

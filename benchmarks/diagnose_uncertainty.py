@@ -80,5 +80,6 @@ def main():
               + f"; vote entropy {auroc(binary_entropy(votes), wrong):.3f}; "
               f"variance {auroc(unc['variance'].numpy().ravel(), wrong):.3f}", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -14,7 +14,6 @@ results.json) and prints a markdown table.
 """
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,17 +21,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from dataset import load_split  # noqa: E402
 from evaluate import evaluate  # noqa: E402
 from train_utils import (amp_dtype, build_loaders, dataset_options,  # noqa: E402
                          ensemble_steps, fewest_good_steps, score_sample_steps)
+from reproduce import commit  # noqa: E402
 from utils import load_checkpoint  # noqa: E402
-
-
-def commit():
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                          capture_output=True).stdout.strip() or "unknown"
 
 
 def rescore(run, ensemble, tag, device):
