@@ -10,7 +10,10 @@ at its end for one sample and for an ensemble (as evaluate.py does), or with --s
 given several, e.g. `--steps 1 5 25`, the counts are chosen on the validation split here
 as a run chooses them (train_utils.fewest_good_steps, ensemble_steps). The ensemble's
 uncertainty (pixel-error AUROC, entropy on wrong and right pixels) and calibration (ECE)
-are reported beside its Dice; evaluate.py's files for both rows land under --out.
+are reported beside its Dice; evaluate.py's files for both rows land under --out, the
+U-Net's weights and per_image.csv under --out/unet. Each DDPM-v2 row is also compared with
+the U-Net image by image: the mean Dice difference with a 95% bootstrap interval over the
+test images, the images each side wins, and DDPM-v2's worst image (`paired_difference`).
 Baseline: the same UNet2D without the noisy-mask input (t fixed at 0), trained on the same
 augmented loader with BCE + soft Dice (label maps of --num-classes K > 2: cross-entropy +
 soft Dice over the foreground classes, K output channels) for the same wall-clock minutes,
@@ -25,6 +28,7 @@ Each bench_quality run needs its own --out (main.py refuses a folder that holds 
 why it stopped) instead of training it again, e.g. after the baseline was interrupted.
 """
 import argparse
+import csv
 import json
 import shlex
 import subprocess
@@ -82,7 +86,7 @@ def train_baseline(cfg, minutes):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
-    best_dice, best_state, step, epoch = -1.0, None, 0, 0
+    best_dice, best_state, step, epoch, history = -1.0, None, 0, 0, []
     start = time.time()
     while time.time() - start < 60 * minutes:
         set_epoch(loader, epoch)
@@ -100,15 +104,17 @@ def train_baseline(cfg, minutes):
             ema.update(model, step)
         epoch += 1
         with torch.no_grad():
-            dice = torch.cat([class_overlap(labels(ema.model(image), cfg.num_classes),
-                                            true_labels(mask, cfg.num_classes),
-                                            cfg.num_classes)[0]
-                              for image, mask in val]).mean().item()
+            dice, iou = (torch.cat(scores).mean().item() for scores in zip(*[
+                class_overlap(labels(ema.model(image), cfg.num_classes),
+                              true_labels(mask, cfg.num_classes), cfg.num_classes)
+                for image, mask in val]))
+        history.append([step, dice, iou])
         if dice > best_dice:
             best_dice = dice
             best_state = {k: v.clone() for k, v in ema.model.state_dict().items()}
     ema.model.load_state_dict(best_state)
-    return ema.model, {"epochs": epoch, "steps": step, "best_val_dice": best_dice}
+    return ema.model, {"epochs": epoch, "steps": step, "best_val_dice": best_dice,
+                       "val_history": history}   # [step, val Dice, val IoU] per epoch
 
 
 def baseline_loss(logits, mask, num_classes):
@@ -127,10 +133,11 @@ def labels(logits, num_classes):
     return (logits > 0).long() if num_classes == 2 else logits.argmax(1, keepdim=True)
 
 
-def score(predict_fn, test, num_classes=2, batch_size=32):
+def score(predict_fn, test, num_classes=2, batch_size=32, rows=None):
     """Mean over test images of Dice, IoU, HD95 (each the foreground-class mean), and
-    each class's Dice when K > 2. predict_fn: images -> (B, 1, H, W) label maps."""
-    rows = []
+    each class's Dice when K > 2. predict_fn: images -> (B, 1, H, W) label maps. Pass a
+    list as `rows` to get each image's metrics appended to it (in the split's order)."""
+    rows = [] if rows is None else rows
     for i in range(0, len(test), batch_size):
         image, mask = map(torch.stack, zip(*[test[j] for j in range(i, min(i + batch_size, len(test)))]))
         pred = predict_fn(image)
@@ -142,6 +149,24 @@ def score(predict_fn, test, num_classes=2, batch_size=32):
     if num_classes > 2:
         result["dice_per_class"] = {str(k): mean(f"dice_{k}") for k in range(1, num_classes)}
     return result
+
+
+def paired_difference(a, b, names, resamples=10_000, seed=0):
+    """Per-image a - b (e.g. DDPM-v2's Dice minus the U-Net's on the same test images):
+    the mean, its 95% percentile-bootstrap interval over images (`resamples` draws of the
+    images with replacement), how many images each side wins, and the image a loses most
+    on. One training run per side, so the interval covers the choice of test images, not
+    the spread between training runs (seeds). Images either side has no score for (NaN)
+    are left out."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    names = [n for n, keep in zip(names, np.isfinite(d)) if keep]
+    d = d[np.isfinite(d)]
+    draws = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    low, high = np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
+    worst = int(np.argmin(d))
+    return {"mean": float(d.mean()), "ci95": [float(low), float(high)],
+            "a_better": int((d > 0).sum()), "b_better": int((d < 0).sum()),
+            "largest_loss": {"name": names[worst], "difference": float(d[worst])}}
 
 
 def choose_steps(model, diffusion, cfg, candidates, seed):
@@ -250,10 +275,25 @@ def main():
                 c: v["dice"]["mean"] for c, v in metrics["per_class"].items()}
 
     baseline, info = train_baseline(cfg, args.minutes)
+    unet_rows = []
     with torch.no_grad():
         name_b = "U-Net (BCE + Dice)" if cfg.num_classes == 2 else "U-Net (CE + Dice)"
         results[name_b] = score(lambda image: labels(baseline(image), cfg.num_classes), test,
-                                cfg.num_classes)
+                                cfg.num_classes, rows=unet_rows)
+    (out / "unet").mkdir(exist_ok=True)
+    torch.save({"model": baseline.state_dict(), "config": cfg.to_dict(), **info},
+               out / "unet" / "best_val_dice.pt")
+    names = [str(i) for i in range(len(test))]   # evaluate.py's per_image.csv names
+    with open(out / "unet" / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["name", *unet_rows[0]])
+        writer.writeheader()
+        writer.writerows({"name": n, **r} for n, r in zip(names, unet_rows))
+    paired = {}
+    for k in (1, args.ensemble):   # each DDPM-v2 row against the U-Net, image by image
+        with open(out / f"eval-k{k}" / "per_image.csv") as f:
+            ddpm_dice = [float(r["dice"]) for r in csv.DictReader(f)]
+        paired[f"DDPM-v2 K={k} - {name_b}"] = paired_difference(
+            ddpm_dice, [r["dice"] for r in unet_rows], names, seed=args.seed)
 
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
           f"{len(test)} test images, DDPM-v2 sampled with {steps[1]} DDIM steps "
@@ -267,11 +307,16 @@ def main():
         if "dice_per_class" in r:
             print(" " * 21 + "Dice per class: " + "  ".join(
                 f"{c}: {d:.4f}" for c, d in r["dice_per_class"].items()))
+    for pair, p in paired.items():
+        print(f"{pair}, Dice per test image: mean {p['mean']:+.4f}, 95% interval "
+              f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; better on {p['a_better']}, worse "
+              f"on {p['b_better']} images; its worst image {p['largest_loss']['name']} "
+              f"({p['largest_loss']['difference']:+.4f})")
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
               "seed": args.seed, "steps": steps[1], "ensemble_steps": steps[args.ensemble],
               "val_dice_by_steps": val_dice, "flags": flags,
               "ddpm_flags": ddpm_flags,
-              "reused_ddpm": args.reuse_ddpm, "results": results,
+              "reused_ddpm": args.reuse_ddpm, "results": results, "paired_dice": paired,
               "baseline_training": info, "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")

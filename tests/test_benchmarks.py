@@ -25,3 +25,24 @@ def test_a_finished_run_is_recognised_with_its_cadence_by_rule(tmp_path):
     assert not bench_shift.finished(run, flags, 8)                       # not that far
     assert not bench_shift.finished(run, flags + ["--val-every", "2"], 4)  # another cadence
     assert not bench_shift.finished(run, flags + ["--lr", "0.01"], 4)
+
+
+def test_paired_difference_on_known_per_image_scores():
+    """bench_quality's image-by-image comparison: the mean of a - b, who wins how often,
+    the image a loses most on, and a bootstrap interval that holds the mean and collapses
+    to it when every image differs by the same amount; an image without a score (NaN) on
+    either side is left out."""
+    import bench_quality
+    a, b = [0.9, 0.7, 0.95, 0.8], [0.8, 0.9, 0.85, 0.8]           # a - b: .1, -.2, .1, 0
+    p = bench_quality.paired_difference(a, b, ["w", "x", "y", "z"], resamples=2000)
+    assert abs(p["mean"] - 0.0) < 1e-12
+    assert (p["a_better"], p["b_better"]) == (2, 1)
+    assert p["largest_loss"]["name"] == "x"
+    assert abs(p["largest_loss"]["difference"] + 0.2) < 1e-12
+    low, high = p["ci95"]
+    assert -0.2 <= low < 0 < high <= 0.1                          # resampled means lie in [min, max]
+    same = bench_quality.paired_difference([0.9] * 5, [0.85] * 5, list("abcde"))
+    assert abs(same["ci95"][0] - 0.05) < 1e-9 and abs(same["ci95"][1] - 0.05) < 1e-9
+    assert (same["a_better"], same["b_better"]) == (5, 0)
+    gaps = bench_quality.paired_difference([0.9, float("nan"), 0.7], [0.8, 0.5, 0.9], list("abc"))
+    assert abs(gaps["mean"] - (-0.05)) < 1e-12 and gaps["largest_loss"]["name"] == "c"
