@@ -104,10 +104,10 @@ def train_baseline(cfg, minutes):
             ema.update(model, step)
         epoch += 1
         with torch.no_grad():
-            dice, iou = (torch.cat(scores).mean().item() for scores in zip(*[
-                class_overlap(labels(ema.model(image), cfg.num_classes),
-                              true_labels(mask, cfg.num_classes), cfg.num_classes)
-                for image, mask in val]))
+            overlaps = [class_overlap(labels(ema.model(image), cfg.num_classes),
+                                      true_labels(mask, cfg.num_classes), cfg.num_classes)
+                        for image, mask in val]     # (Dice, IoU) per val batch
+        dice, iou = (torch.cat(scores).mean().item() for scores in zip(*overlaps))
         history.append([step, dice, iou])
         if dice > best_dice:
             best_dice = dice
@@ -159,12 +159,17 @@ def paired_difference(a, b, names, resamples=10_000, seed=0):
     the spread between training runs (seeds). Images either side has no score for (NaN)
     are left out."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if not len(a) == len(b) == len(names):
+        raise ValueError(f"paired scores need one per image: {len(a)}, {len(b)}, "
+                         f"{len(names)} names")
     names = [n for n, keep in zip(names, np.isfinite(d)) if keep]
     d = d[np.isfinite(d)]
+    if len(d) == 0:
+        raise ValueError("no image has a score on both sides")
     draws = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
     low, high = np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
     worst = int(np.argmin(d))
-    return {"mean": float(d.mean()), "ci95": [float(low), float(high)],
+    return {"mean": float(d.mean()), "ci95": [float(low), float(high)], "images": len(d),
             "a_better": int((d > 0).sum()), "b_better": int((d < 0).sum()),
             "largest_loss": {"name": names[worst], "difference": float(d[worst])}}
 
@@ -281,8 +286,9 @@ def main():
         results[name_b] = score(lambda image: labels(baseline(image), cfg.num_classes), test,
                                 cfg.num_classes, rows=unet_rows)
     (out / "unet").mkdir(exist_ok=True)
-    torch.save({"model": baseline.state_dict(), "config": cfg.to_dict(), **info},
-               out / "unet" / "best_val_dice.pt")
+    # not a DDPM-v2 checkpoint (no "model" key): Deterministic(cfg).load_state_dict(saved["unet"])
+    torch.save({"kind": "bench_quality U-Net baseline", "unet": baseline.state_dict(),
+                "config": cfg.to_dict(), **info}, out / "unet" / "best_val_dice.pt")
     names = [str(i) for i in range(len(test))]   # evaluate.py's per_image.csv names
     with open(out / "unet" / "per_image.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["name", *unet_rows[0]])
@@ -291,9 +297,14 @@ def main():
     paired = {}
     for k in (1, args.ensemble):   # each DDPM-v2 row against the U-Net, image by image
         with open(out / f"eval-k{k}" / "per_image.csv") as f:
-            ddpm_dice = [float(r["dice"]) for r in csv.DictReader(f)]
+            ddpm = list(csv.DictReader(f))
+        if [r["name"] for r in ddpm] != names:   # nnU-Net data: evaluate.py scores volumes
+            print(f"DDPM-v2 K={k}: per-case rows, not the U-Net's per-image ones: "
+                  f"no image-by-image comparison")
+            continue
         paired[f"DDPM-v2 K={k} - {name_b}"] = paired_difference(
-            ddpm_dice, [r["dice"] for r in unet_rows], names, seed=args.seed)
+            [float(r["dice"]) for r in ddpm], [r["dice"] for r in unet_rows], names,
+            seed=args.seed)
 
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
           f"{len(test)} test images, DDPM-v2 sampled with {steps[1]} DDIM steps "
@@ -310,7 +321,8 @@ def main():
     for pair, p in paired.items():
         print(f"{pair}, Dice per test image: mean {p['mean']:+.4f}, 95% interval "
               f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; better on {p['a_better']}, worse "
-              f"on {p['b_better']} images; its worst image {p['largest_loss']['name']} "
+              f"on {p['b_better']} of {p['images']} images; its worst image "
+              f"{p['largest_loss']['name']} "
               f"({p['largest_loss']['difference']:+.4f})")
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
               "seed": args.seed, "steps": steps[1], "ensemble_steps": steps[args.ensemble],

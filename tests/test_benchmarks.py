@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY_FLAGS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -40,9 +41,15 @@ def test_paired_difference_on_known_per_image_scores():
     assert p["largest_loss"]["name"] == "x"
     assert abs(p["largest_loss"]["difference"] + 0.2) < 1e-12
     low, high = p["ci95"]
-    assert -0.2 <= low < 0 < high <= 0.1                          # resampled means lie in [min, max]
+    assert -0.2 <= low < 0 < high <= 0.1  # means of resamples: within [min, max]
+    # two images: a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the
+    # 2.5th and 97.5th percentiles over images are exactly 0 and 1
+    assert bench_quality.paired_difference([1, 0], [0, 0], ["a", "b"])["ci95"] == [0.0, 1.0]
     same = bench_quality.paired_difference([0.9] * 5, [0.85] * 5, list("abcde"))
     assert abs(same["ci95"][0] - 0.05) < 1e-9 and abs(same["ci95"][1] - 0.05) < 1e-9
-    assert (same["a_better"], same["b_better"]) == (5, 0)
+    assert (same["a_better"], same["b_better"], same["images"]) == (5, 0, 5)
     gaps = bench_quality.paired_difference([0.9, float("nan"), 0.7], [0.8, 0.5, 0.9], list("abc"))
     assert abs(gaps["mean"] - (-0.05)) < 1e-12 and gaps["largest_loss"]["name"] == "c"
+    assert gaps["images"] == 2
+    with pytest.raises(ValueError):                               # scores of different images
+        bench_quality.paired_difference([0.9, 0.8], [0.9], ["a", "b"])
