@@ -158,10 +158,10 @@ def paired_difference(a, b, names, resamples=10_000, seed=0):
     on. One training run per side, so the interval covers the choice of test images, not
     the spread between training runs (seeds). Images either side has no score for (NaN)
     are left out."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if not len(a) == len(b) == len(names):
+    if not len(a) == len(b) == len(names):   # before subtracting: a length 1 would broadcast
         raise ValueError(f"paired scores need one per image: {len(a)}, {len(b)}, "
                          f"{len(names)} names")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     names = [n for n, keep in zip(names, np.isfinite(d)) if keep]
     d = d[np.isfinite(d)]
     if len(d) == 0:

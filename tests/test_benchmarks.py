@@ -53,3 +53,5 @@ def test_paired_difference_on_known_per_image_scores():
     assert gaps["images"] == 2
     with pytest.raises(ValueError):                               # scores of different images
         bench_quality.paired_difference([0.9, 0.8], [0.9], ["a", "b"])
+    with pytest.raises(ValueError):                               # one name short
+        bench_quality.paired_difference([0.9, 0.8], [0.9, 0.7], ["a"])
