@@ -55,3 +55,39 @@ def test_paired_difference_on_known_per_image_scores():
         bench_quality.paired_difference([0.9, 0.8], [0.9], ["a", "b"])
     with pytest.raises(ValueError):                               # one name short
         bench_quality.paired_difference([0.9, 0.8], [0.9, 0.7], ["a"])
+
+
+def test_seed_summary_groups_seeds_and_gives_a_t_interval(tmp_path, capsys):
+    """seed_summary: per-seed differences grouped by data set and size, their mean, sample
+    sd and 95% t-interval (t(0.975, 2) = 4.3027 from the table), a rescore's results.json
+    read through its run, and the later of two files for one seed kept."""
+    import json
+
+    import seed_summary
+    s = seed_summary.summarise([0.001, 0.002, 0.003])
+    half = 4.302652729911275 * 0.001 / 3 ** 0.5
+    assert abs(s["mean"] - 0.002) < 1e-12 and abs(s["sd"] - 0.001) < 1e-12
+    assert abs(s["ci95"][0] - (0.002 - half)) < 1e-9 and abs(s["ci95"][1] - (0.002 + half)) < 1e-9
+
+    def run(name, seed, ddpm, unet, data="set-a"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({
+            "data": f"/x/{data}", "image_size": 64, "seed": seed,
+            "results": {"DDPM-v2 K=5": {"dice": ddpm}, "U-Net (BCE + Dice)": {"dice": unet}},
+            "baseline_training": {"steps": 10}}))
+        return folder / "results.json"
+
+    paths = [run("a0", 0, 0.90, 0.91), run("a1", 1, 0.95, 0.92), run("b0", 0, 0.5, 0.6, "set-b")]
+    rescore = tmp_path / "a0" / "rescore-abc"
+    rescore.mkdir()
+    (rescore / "results.json").write_text(json.dumps({
+        "run": str(tmp_path / "a0"),
+        "results": {"DDPM-v2 K=5": {"dice": 0.93}, "U-Net (BCE + Dice)": {"dice": 0.91}}}))
+    groups = seed_summary.main([*map(str, paths), str(rescore / "results.json")])
+    assert set(groups) == {("set-a", 64), ("set-b", 64)}
+    a = groups[("set-a", 64)]
+    assert a[0]["ddpm"] == 0.93 and a[0]["unet_steps"] == 10   # the rescore won, via its run
+    out = capsys.readouterr().out
+    assert "seeds 0 and 1 (issue 16's target): mean difference +0.02500" in out
+    assert "| mean of 1 | 0.50000 | 0.60000 | -0.10000 | |" in out

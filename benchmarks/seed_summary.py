@@ -1,0 +1,86 @@
+"""Side by sides over seeds: DDPM-v2 against the U-Net, seed by seed and on the mean.
+
+    python benchmarks/seed_summary.py trained_models/bench_quality/jsrt-128-seed*/results.json
+
+Each argument is a results.json written by bench_quality.py, or by rescore.py (whose run's
+own results.json gives the data, size and seed). Runs are grouped by data set and image
+size; a group lists each seed's DDPM-v2 row (--row, default the K=5 ensemble) beside the
+U-Net's, their difference and both training step counts, then the means over its seeds,
+the standard deviation of the per-seed differences and a 95% Student-t interval for their
+mean (it covers the spread between training runs, where bench_quality's paired interval
+covers the choice of test images). A seed given twice (e.g. a run and its rescore) keeps
+the later argument. Prints markdown.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils import read_checkpoint  # noqa: E402
+
+
+def load_run(path, row):
+    """One seed's figures from a bench_quality or rescore results.json."""
+    path = Path(path)
+    report = json.loads(path.read_text())
+    run = Path(report["run"]) if "run" in report else path.parent
+    own = report if "run" not in report else json.loads((run / "results.json").read_text())
+    unet = next(k for k in report["results"] if k.startswith("U-Net"))
+    last = run / "ddpm" / "last.pt"
+    return {"data": Path(own["data"]).name, "image_size": own["image_size"],
+            "seed": own["seed"], "source": str(path),
+            "ddpm": report["results"][row]["dice"], "unet": report["results"][unet]["dice"],
+            "ddpm_steps": read_checkpoint(last)["step"] if last.exists() else None,
+            "unet_steps": own.get("baseline_training", {}).get("steps")}
+
+
+def summarise(differences):
+    """Mean, sample standard deviation and 95% t-interval of per-seed differences."""
+    d = np.asarray(differences, dtype=float)
+    n = len(d)
+    if n < 2:
+        return {"n": n, "mean": float(d.mean()), "sd": math.nan, "ci95": (math.nan, math.nan)}
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": float(d.mean()), "sd": sd,
+            "ci95": (float(d.mean()) - half, float(d.mean()) + half)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="results.json files")
+    parser.add_argument("--row", default="DDPM-v2 K=5", help="the DDPM-v2 row to compare")
+    args = parser.parse_args(argv)
+    groups = {}
+    for path in args.results:
+        r = load_run(path, args.row)
+        groups.setdefault((r["data"], r["image_size"]), {})[r["seed"]] = r
+    for (data, size), by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        print(f"\n{data}, {size} px: {args.row} against the U-Net\n")
+        print("| seed | DDPM-v2 | U-Net | difference | steps DDPM-v2 / U-Net |")
+        print("|---|---|---|---|---|")
+        for r in runs:
+            print(f"| {r['seed']} | {r['ddpm']:.4f} | {r['unet']:.4f} | "
+                  f"{r['ddpm'] - r['unet']:+.4f} | {r['ddpm_steps']} / {r['unet_steps']} |")
+        s = summarise([r["ddpm"] - r["unet"] for r in runs])
+        print(f"| mean of {s['n']} | {np.mean([r['ddpm'] for r in runs]):.5f} | "
+              f"{np.mean([r['unet'] for r in runs]):.5f} | {s['mean']:+.5f} | |")
+        print(f"\nper-seed difference: sd {s['sd']:.4f}, 95% t-interval of the mean "
+              f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] over {s['n']} seeds")
+        if {0, 1} <= set(by_seed):
+            pair = summarise([by_seed[k]["ddpm"] - by_seed[k]["unet"] for k in (0, 1)])
+            print(f"seeds 0 and 1 (issue 16's target): mean difference {pair['mean']:+.5f}")
+    return groups
+
+
+if __name__ == "__main__":
+    main()
