@@ -26,6 +26,11 @@ box, hide the GPU (CUDA_VISIBLE_DEVICES=) or DDPM-v2 gets it and the baseline do
 Each bench_quality run needs its own --out (main.py refuses a folder that holds a run);
 --reuse-ddpm scores the DDPM-v2 run already in --out/ddpm (one that ended: its last.pt says
 why it stopped) instead of training it again, e.g. after the baseline was interrupted.
+--unet-from RUN scores the U-Net another bench_quality run trained (RUN/unet, same data,
+size, seed, minutes and baseline settings) instead of training one: a DDPM-v2 variant
+(--ddpm-flags) against the same U-Net, at half the wall time. The U-Net's step count in a
+wall-clock budget varies from run to run (within 0.0002 test Dice on jsrt-lungs when run
+again); results.json names the U-Net's run.
 """
 import argparse
 import csv
@@ -115,6 +120,35 @@ def train_baseline(cfg, minutes):
     ema.model.load_state_dict(best_state)
     return ema.model, {"epochs": epoch, "steps": step, "best_val_dice": best_dice,
                        "val_history": history}   # [step, val Dice, val IoU] per epoch
+
+
+# the TrainConfig fields train_baseline reads (with dataset_options'); a reused U-Net must
+# match them
+BASELINE_KEYS = ("data", "image_size", "channels", "val_fraction", "seed", "augment",
+                 "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay",
+                 "ema_warmup", "num_classes", "base_channels", "channel_mults",
+                 "num_res_blocks", "attention_resolutions", "dropout")
+
+
+def load_baseline(run, cfg, minutes):
+    """The U-Net an earlier bench_quality run trained (run/unet/best_val_dice.pt) and its
+    training info, after checking it was trained as train_baseline(cfg, minutes) would."""
+    saved = torch.load(run / "unet" / "best_val_dice.pt", map_location="cpu",
+                       weights_only=False)
+    stored = TrainConfig.from_dict(saved["config"])
+    differ = [k for k in BASELINE_KEYS if getattr(stored, k) != getattr(cfg, k)]
+    differ += [k for k, v in dataset_options(cfg).items() if dataset_options(stored)[k] != v]
+    report = run / "results.json"
+    ran = json.loads(report.read_text())["minutes"] if report.exists() else None
+    if ran != minutes:
+        differ.append(f"minutes ({ran})")
+    if differ:
+        sys.exit(f"--unet-from: the U-Net in {run / 'unet'} differs in {', '.join(differ)}")
+    model = Deterministic(cfg)
+    model.load_state_dict(saved["unet"] if "unet" in saved else saved["model"])  # older key
+    model.eval()
+    print(f"reusing the U-Net of {run}: {saved['steps']} steps")
+    return model, {k: v for k, v in saved.items() if k not in ("unet", "model", "config", "kind")}
 
 
 def baseline_loss(logits, mask, num_classes):
@@ -207,6 +241,9 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--reuse-ddpm", action="store_true",
                         help="score the finished DDPM-v2 run in OUT/ddpm, do not train it")
+    parser.add_argument("--unet-from", default=None, metavar="RUN",
+                        help="score the U-Net of this earlier bench_quality run (RUN/unet) "
+                             "instead of training one")
     parser.add_argument("--flags", default="",
                         help='main.py training flags for both models (the baseline reads '
                              'the data, batch, optimiser, EMA and model ones, not '
@@ -279,7 +316,10 @@ def main():
             results[f"DDPM-v2 K={k}"]["dice_per_class"] = {
                 c: v["dice"]["mean"] for c, v in metrics["per_class"].items()}
 
-    baseline, info = train_baseline(cfg, args.minutes)
+    if args.unet_from:
+        baseline, info = load_baseline(Path(args.unet_from), cfg, args.minutes)
+    else:
+        baseline, info = train_baseline(cfg, args.minutes)
     unet_rows = []
     with torch.no_grad():
         name_b = "U-Net (BCE + Dice)" if cfg.num_classes == 2 else "U-Net (CE + Dice)"
@@ -328,7 +368,9 @@ def main():
               "seed": args.seed, "steps": steps[1], "ensemble_steps": steps[args.ensemble],
               "val_dice_by_steps": val_dice, "flags": flags,
               "ddpm_flags": ddpm_flags,
-              "reused_ddpm": args.reuse_ddpm, "results": results, "paired_dice": paired,
+              "reused_ddpm": args.reuse_ddpm,
+              "unet_from": str(Path(args.unet_from).resolve()) if args.unet_from else None,
+              "results": results, "paired_dice": paired,
               "baseline_training": info, "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")

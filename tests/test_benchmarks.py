@@ -1,8 +1,10 @@
 """The benchmarks' own bookkeeping (their figures are measured by running them)."""
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_FLAGS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -91,3 +93,28 @@ def test_seed_summary_groups_seeds_and_gives_a_t_interval(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seeds 0 and 1 (issue 16's target): mean difference +0.02500" in out
     assert "| mean of 1 | 0.50000 | 0.60000 | -0.10000 | |" in out
+
+
+def test_unet_from_loads_the_same_weights_and_refuses_another_setup(tmp_path):
+    """--unet-from: the U-Net of an earlier run comes back weight for weight, and a run
+    trained with other baseline settings or minutes is refused, not compared."""
+    import bench_quality
+    from utils import TrainConfig
+
+    cfg = TrainConfig(image_size=32, base_channels=8, batch_size=4)
+    unet = bench_quality.Deterministic(cfg)
+    (tmp_path / "unet").mkdir()
+    torch.save({"kind": "bench_quality U-Net baseline", "unet": unet.state_dict(),
+                "config": cfg.to_dict(), "steps": 7, "epochs": 1, "best_val_dice": 0.5,
+                "val_history": [[7, 0.5, 0.3]]}, tmp_path / "unet" / "best_val_dice.pt")
+    (tmp_path / "results.json").write_text(json.dumps({"minutes": 10.0}))
+
+    loaded, info = bench_quality.load_baseline(tmp_path, cfg, 10.0)
+    for name, value in unet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert info == {"steps": 7, "epochs": 1, "best_val_dice": 0.5, "val_history": [[7, 0.5, 0.3]]}
+    with pytest.raises(SystemExit, match="batch_size"):
+        bench_quality.load_baseline(tmp_path, TrainConfig(image_size=32, base_channels=8,
+                                                          batch_size=8), 10.0)
+    with pytest.raises(SystemExit, match="minutes"):
+        bench_quality.load_baseline(tmp_path, cfg, 20.0)
