@@ -10,6 +10,13 @@ the standard deviation of the per-seed differences and a 95% Student-t interval 
 mean (it covers the spread between training runs, where bench_quality's paired interval
 covers the choice of test images). A seed given twice (e.g. a run and its rescore) keeps
 the later argument. Prints markdown.
+
+    python benchmarks/seed_summary.py VARIANT/results.json ... --against DEFAULTS/results.json ...
+
+--against compares the DDPM-v2 runs given first (a variant, e.g. bench_quality --ddpm-flags)
+with these (e.g. the defaults) seed by seed, on the seeds both have: the test Dice of --row
+and the one-sample val Dice each run chose its DDIM steps by (the figure a default is
+chosen on), each difference with its mean and t-interval over the seeds.
 """
 import argparse
 import json
@@ -23,6 +30,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from train_utils import fewest_good_steps  # noqa: E402
 from utils import read_checkpoint  # noqa: E402
 
 
@@ -34,7 +42,8 @@ def load_run(path, row):
     own = report if "run" not in report else json.loads((run / "results.json").read_text())
     unet = next(k for k in report["results"] if k.startswith("U-Net"))
     last = run / "ddpm" / "last.pt"
-    return {"data": Path(own["data"]).name, "image_size": own["image_size"],
+    val = {int(k): v for k, v in (report.get("val_dice_by_steps") or {}).items()}
+    return {"val": val[fewest_good_steps(val)] if val else math.nan,"data": Path(own["data"]).name, "image_size": own["image_size"],
             "seed": own["seed"], "source": str(path),
             "ddpm": report["results"][row]["dice"], "unet": report["results"][unet]["dice"],
             "ddpm_steps": read_checkpoint(last)["step"] if last.exists() else None,
@@ -58,12 +67,13 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results.json files")
     parser.add_argument("--row", default="DDPM-v2 K=5", help="the DDPM-v2 row to compare")
+    parser.add_argument("--against", nargs="+", default=None, metavar="RESULTS",
+                        help="results.json files of the runs to compare the DDPM-v2 runs "
+                             "above with, seed by seed (e.g. the defaults)")
     args = parser.parse_args(argv)
-    groups = {}
-    for path in args.results:
-        r = load_run(path, args.row)
-        groups.setdefault((r["data"], r["image_size"]), {})[r["seed"]] = r
-    for (data, size), by_seed in groups.items():
+    groups, others = by_group(args.results, args.row), by_group(args.against or [], args.row)
+    for key, by_seed in groups.items():
+        data, size = key
         runs = [by_seed[s] for s in sorted(by_seed)]
         print(f"\n{data}, {size} px: {args.row} against the U-Net\n")
         print("| seed | DDPM-v2 | U-Net | difference | steps DDPM-v2 / U-Net |")
@@ -79,7 +89,36 @@ def main(argv=None):
         if {0, 1} <= set(by_seed):
             pair = np.mean([by_seed[k]["ddpm"] - by_seed[k]["unet"] for k in (0, 1)])
             print(f"seeds 0 and 1 (issue 16's target): mean difference {pair:+.5f}")
+        if key in others:
+            compare(by_seed, others[key])
     return groups
+
+
+def by_group(paths, row):
+    """{(data, image_size): {seed: load_run(...)}}, a later file winning for a seed."""
+    groups = {}
+    for path in paths:
+        r = load_run(path, row)
+        groups.setdefault((r["data"], r["image_size"]), {})[r["seed"]] = r
+    return groups
+
+
+def compare(variant, base):
+    """A DDPM-v2 variant against other DDPM-v2 runs (by seed): test and val Dice."""
+    seeds = sorted(set(variant) & set(base))
+    print("\nDDPM-v2 runs given first against the --against runs, seed by seed\n")
+    print("| seed | test Dice | against | difference | val Dice (one sample) | against "
+          "| difference | steps |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in seeds:
+        a, b = variant[s], base[s]
+        print(f"| {s} | {a['ddpm']:.4f} | {b['ddpm']:.4f} | {a['ddpm'] - b['ddpm']:+.4f} | "
+              f"{a['val']:.4f} | {b['val']:.4f} | {a['val'] - b['val']:+.4f} | "
+              f"{a['ddpm_steps']} / {b['ddpm_steps']} |")
+    for name, k in (("test", "ddpm"), ("val", "val")):
+        s = summarise([variant[i][k] - base[i][k] for i in seeds])
+        print(f"{name} Dice difference: mean {s['mean']:+.5f}, sd {s['sd']:.4f}, 95% "
+              f"t-interval [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] over {s['n']} seeds")
 
 
 if __name__ == "__main__":

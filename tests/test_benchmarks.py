@@ -95,6 +95,32 @@ def test_seed_summary_groups_seeds_and_gives_a_t_interval(tmp_path, capsys):
     assert "| mean of 1 | 0.50000 | 0.60000 | -0.10000 | |" in out
 
 
+def test_seed_summary_against_compares_variant_and_defaults_seed_by_seed(tmp_path, capsys):
+    """--against: test and val Dice differences over the seeds both sets have; the val
+    figure is the one-sample val Dice at the steps the run chose (the fewest within 0.001
+    of the best, so 2 steps' 0.9705 is passed over for 1 step's 0.9700)."""
+    import seed_summary
+
+    def run(name, seed, ddpm, val):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({
+            "data": "/x/set-a", "image_size": 128, "seed": seed, "val_dice_by_steps": val,
+            "results": {"DDPM-v2 K=5": {"dice": ddpm}, "U-Net (BCE + Dice)": {"dice": 0.9}},
+            "baseline_training": {"steps": 10}}))
+        return str(folder / "results.json")
+
+    variant = [run("v0", 0, 0.95, {"1": 0.9700, "2": 0.9705}), run("v1", 1, 0.93, {"1": 0.96})]
+    base = [run("d0", 0, 0.94, {"1": 0.9600}), run("d1", 1, 0.94, {"1": 0.95}),
+            run("d2", 2, 0.5, {"1": 0.5})]
+    seed_summary.main([*variant, "--against", *base])
+    out = capsys.readouterr().out
+    assert "| 0 | 0.9500 | 0.9400 | +0.0100 | 0.9700 | 0.9600 | +0.0100 |" in out
+    assert "| 1 | 0.9300 | 0.9400 | -0.0100 | 0.9600 | 0.9500 | +0.0100 |" in out
+    assert "test Dice difference: mean +0.00000, sd 0.0141" in out   # seed 2: one side only
+    assert "val Dice difference: mean +0.01000, sd 0.0000" in out
+
+
 def test_unet_from_loads_the_same_weights_and_refuses_another_setup(tmp_path):
     """--unet-from: the U-Net of an earlier run comes back weight for weight, and a run
     trained with other baseline settings or minutes is refused, not compared."""
