@@ -19,6 +19,7 @@ and the one-sample val Dice each run chose its DDIM steps by (the figure a defau
 chosen on), each difference with its mean and t-interval over the seeds.
 """
 import argparse
+import csv
 import json
 import math
 import sys
@@ -43,11 +44,21 @@ def load_run(path, row):
     unet = next(k for k in report["results"] if k.startswith("U-Net"))
     last = run / "ddpm" / "last.pt"
     val = {int(k): v for k, v in (report.get("val_dice_by_steps") or {}).items()}
-    return {"val": val[fewest_good_steps(val)] if val else math.nan,"data": Path(own["data"]).name, "image_size": own["image_size"],
+    return {"val": val[fewest_good_steps(val)] if val else math.nan, "curve": val_curve(run),"data": Path(own["data"]).name, "image_size": own["image_size"],
             "seed": own["seed"], "source": str(path),
             "ddpm": report["results"][row]["dice"], "unet": report["results"][unet]["dice"],
             "ddpm_steps": read_checkpoint(last)["step"] if last.exists() else None,
             "unet_steps": own.get("baseline_training", {}).get("steps")}
+
+
+def val_curve(run):
+    """{step: val IoU} from a run's metrics.csv (one sample, EMA, at each validation)."""
+    path = run / "ddpm" / "metrics.csv"
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return {int(r["step"]): float(r["val_iou"]) for r in csv.DictReader(f)
+                if r.get("val_iou")}
 
 
 def summarise(differences):
@@ -119,6 +130,19 @@ def compare(variant, base):
         s = summarise([variant[i][k] - base[i][k] for i in seeds])
         print(f"{name} Dice difference: mean {s['mean']:+.5f}, sd {s['sd']:.4f}, 95% "
               f"t-interval [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] over {s['n']} seeds")
+    # at equal optimiser steps: a wall-clock budget gives each run its own step count
+    steps = sorted(set.intersection(*(set(variant[i]["curve"]) & set(base[i]["curve"])
+                                      for i in seeds))) if seeds else []
+    if steps:
+        print("\nval IoU (one sample) at equal optimiser steps, variant minus --against, "
+              "by seed, then the mean and t-interval over seeds\n")
+        print("| step | " + " | ".join(f"seed {i}" for i in seeds) + " | mean [95% interval] |")
+        print("|---|" + "---|" * (len(seeds) + 1))
+        for step in steps:
+            d = [variant[i]["curve"][step] - base[i]["curve"][step] for i in seeds]
+            s = summarise(d)
+            print(f"| {step} | " + " | ".join(f"{x:+.4f}" for x in d)
+                  + f" | {s['mean']:+.4f} [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] |")
 
 
 if __name__ == "__main__":

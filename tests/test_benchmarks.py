@@ -101,17 +101,22 @@ def test_seed_summary_against_compares_variant_and_defaults_seed_by_seed(tmp_pat
     of the best, so 2 steps' 0.9705 is passed over for 1 step's 0.9700)."""
     import seed_summary
 
-    def run(name, seed, ddpm, val):
+    def run(name, seed, ddpm, val, curve=None):
         folder = tmp_path / name
-        folder.mkdir()
+        (folder / "ddpm").mkdir(parents=True)
+        if curve:    # metrics.csv: a validation every 100 steps, loss rows between
+            rows = [f"{s},0.1,{c}" for s, c in curve] + ["150,0.1,"]
+            (folder / "ddpm" / "metrics.csv").write_text("step,loss,val_iou\n" + "\n".join(rows))
         (folder / "results.json").write_text(json.dumps({
             "data": "/x/set-a", "image_size": 128, "seed": seed, "val_dice_by_steps": val,
             "results": {"DDPM-v2 K=5": {"dice": ddpm}, "U-Net (BCE + Dice)": {"dice": 0.9}},
             "baseline_training": {"steps": 10}}))
         return str(folder / "results.json")
 
-    variant = [run("v0", 0, 0.95, {"1": 0.9700, "2": 0.9705}), run("v1", 1, 0.93, {"1": 0.96})]
-    base = [run("d0", 0, 0.94, {"1": 0.9600}), run("d1", 1, 0.94, {"1": 0.95}),
+    variant = [run("v0", 0, 0.95, {"1": 0.9700, "2": 0.9705}, [(100, 0.90), (200, 0.95)]),
+               run("v1", 1, 0.93, {"1": 0.96}, [(100, 0.92), (200, 0.93), (300, 0.94)])]
+    base = [run("d0", 0, 0.94, {"1": 0.9600}, [(100, 0.91), (200, 0.93)]),
+            run("d1", 1, 0.94, {"1": 0.95}, [(100, 0.90), (300, 0.93)]),
             run("d2", 2, 0.5, {"1": 0.5})]
     seed_summary.main([*variant, "--against", *base])
     out = capsys.readouterr().out
@@ -119,6 +124,9 @@ def test_seed_summary_against_compares_variant_and_defaults_seed_by_seed(tmp_pat
     assert "| 1 | 0.9300 | 0.9400 | -0.0100 | 0.9600 | 0.9500 | +0.0100 |" in out
     assert "test Dice difference: mean +0.00000, sd 0.0141" in out   # seed 2: one side only
     assert "val Dice difference: mean +0.01000, sd 0.0000" in out
+    # equal steps: only step 100 was validated in all four runs (seed 1's base skipped 200)
+    assert "| 100 | -0.0100 | +0.0200 | +0.0050 [" in out
+    assert "| 200 |" not in out and "| 300 |" not in out
 
 
 def test_unet_from_loads_the_same_weights_and_refuses_another_setup(tmp_path):
