@@ -28,9 +28,11 @@ Each bench_quality run needs its own --out (main.py refuses a folder that holds 
 why it stopped) instead of training it again, e.g. after the baseline was interrupted.
 --unet-from RUN scores the U-Net another bench_quality run trained (RUN/unet, same data,
 size, seed, minutes and baseline settings) instead of training one: a DDPM-v2 variant
-(--ddpm-flags) against the same U-Net, at half the wall time. The U-Net's step count in a
-wall-clock budget varies from run to run (within 0.0002 test Dice on jsrt-lungs when run
-again); results.json names the U-Net's run.
+(--ddpm-flags) against the same U-Net, at half the wall time; results.json names the
+U-Net's run. The two halves then had their minutes at different times, and a machine whose
+speed drifts gives them different step counts (494 to 902 DDPM-v2 steps in 10 minutes at
+128 px on the project's CPU machine in one session): compare DDPM-v2 variants with it at
+equal steps (seed_summary.py --against), and DDPM-v2 with the U-Net without it.
 """
 import argparse
 import csv
