@@ -16,7 +16,9 @@ the later argument. Prints markdown.
 --against compares the DDPM-v2 runs given first (a variant, e.g. bench_quality --ddpm-flags)
 with these (e.g. the defaults) seed by seed, on the seeds both have: the test Dice of --row
 and the one-sample val Dice each run chose its DDIM steps by (the figure a default is
-chosen on), each difference with its mean and t-interval over the seeds.
+chosen on), each difference with its mean and t-interval over the seeds; then the val IoU
+at equal optimiser steps (each run's ddpm/metrics.csv), at the validations all of them
+made, which a wall-clock budget's drifting step counts do not touch.
 """
 import argparse
 import csv
@@ -44,8 +46,9 @@ def load_run(path, row):
     unet = next(k for k in report["results"] if k.startswith("U-Net"))
     last = run / "ddpm" / "last.pt"
     val = {int(k): v for k, v in (report.get("val_dice_by_steps") or {}).items()}
-    return {"val": val[fewest_good_steps(val)] if val else math.nan, "curve": val_curve(run),"data": Path(own["data"]).name, "image_size": own["image_size"],
+    return {"data": Path(own["data"]).name, "image_size": own["image_size"],
             "seed": own["seed"], "source": str(path),
+            "val": val[fewest_good_steps(val)] if val else math.nan, "curve": val_curve(run),
             "ddpm": report["results"][row]["dice"], "unet": report["results"][unet]["dice"],
             "ddpm_steps": read_checkpoint(last)["step"] if last.exists() else None,
             "unet_steps": own.get("baseline_training", {}).get("steps")}
