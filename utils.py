@@ -31,10 +31,11 @@ UNET_KEYS = ("base_channels", "channel_mults", "num_res_blocks", "attention_reso
              "dropout")
 DIFFUSION_KEYS = ("timesteps", "schedule", "schedule_shift", "prediction", "self_condition",
                   "num_classes", "representation", "input_scaling", "time_floor")
-# model keys added after checkpoints were already being written: what an older one meant
+# keys added after checkpoints were already being written: what an older one meant (the
+# model's, and term_weighting, whose default changed from the behaviour before it existed)
 LATER_MODEL_KEYS = {"schedule_shift": 1.0, "model": "unet2d", "self_condition": False,
                     "num_classes": 2, "representation": "onehot", "input_scaling": "none",
-                    "time_floor": 0.0}
+                    "time_floor": 0.0, "term_weighting": "abar"}
 
 
 def model_keys(config):
@@ -113,8 +114,8 @@ class TrainConfig:
     schedule_shift: float = _opt(0.0, "divide the schedule's signal-to-noise ratio by "
                                       "shift^2 at every step; > 1 = noisier (large masks); "
                                       "0 = by --image-size (size_defaults)")
-    prediction: str = _opt("x0", "what the network predicts (x0_logits: the clean mask's "
-                                 "logits, trained with cross-entropy)",
+    prediction: str = _opt("x0_logits", "what the network predicts (x0_logits: the clean "
+                                        "mask's logits, trained with cross-entropy)",
                            choices=PREDICTION_TYPES)
     self_condition: bool = _opt(False, "self-conditioning (Chen et al. 2022): the network also "
                                        "sees its previous estimate of the mask")
@@ -170,13 +171,15 @@ class TrainConfig:
     nproc: int = _opt(1, "CPU processes when there is no GPU")
     max_nonfinite_steps: int = _opt(10, "consecutive skipped non-finite steps before "
                                         "training gives up")
-    # extra loss terms on the predicted mask (see loss_fn); weights, 0 = off
-    loss_dice: float = _opt(0.0, "weight of the soft Dice term")
+    # extra loss terms on the predicted mask (see loss_fn); weights, 0 = off. The defaults
+    # (x0_logits + Dice at every t) are the U-Net baseline's objective: RESULTS.md, "Where
+    # the jsrt-lungs gap lies"
+    loss_dice: float = _opt(1.0, "weight of the soft Dice term")
     loss_boundary: float = _opt(0.0, "weight of the boundary loss (Kervadec et al. 2019)")
     loss_hausdorff: float = _opt(0.0, "weight of the Hausdorff distance-transform loss")
     loss_adversarial: float = _opt(0.0, "weight of the PatchGAN adversarial term")
-    term_weighting: str = _opt("abar", "how the terms above weigh each timestep: abar_t "
-                                       "(near 0 at high noise) or uniform (1 at every t)",
+    term_weighting: str = _opt("uniform", "how the terms above weigh each timestep: abar_t "
+                                          "(near 0 at high noise) or uniform (1 at every t)",
                                choices=("abar", "uniform"))
     adversarial_loss: str = _opt("hinge", "adversarial objective",
                                  choices=("hinge", "nonsaturating"))

@@ -67,7 +67,7 @@ def test_old_configs_keep_their_meaning():
     schedule) and its patience counted validations, which now means the step rule."""
     old = TrainConfig(image_size=128).to_dict()
     for key in ("schedule_shift", "val_every", "min_steps", "max_steps", "auto_fields",
-                "input_scaling", "time_floor"):
+                "input_scaling", "time_floor", "term_weighting"):
         del old[key]
     old.update(eval_every=1, save_every=1, patience=10, batch_size=16, eval_steps=10)
     cfg = TrainConfig.from_dict(old)
@@ -75,6 +75,17 @@ def test_old_configs_keep_their_meaning():
     # before the network's view of x_t and t was scaled and floored: plain x_t and t
     assert (cfg.input_scaling, cfg.time_floor) == ("none", 0.0)
     assert (TrainConfig().input_scaling, TrainConfig().time_floor) == ("abar", 1e-3)
+    # before --term-weighting the extra terms were weighted by abar_t, as the flag's "abar"
+    assert cfg.term_weighting == "abar" and TrainConfig().term_weighting == "uniform"
+
+
+def test_default_objective_is_the_unet_baselines():
+    """The defaults train what bench_quality's U-Net trains: cross-entropy on the clean
+    mask's logits plus soft Dice, the Dice at every timestep; each flag still wins."""
+    cfg = TrainConfig()
+    assert (cfg.prediction, cfg.loss_dice, cfg.term_weighting) == ("x0_logits", 1.0, "uniform")
+    cfg = TrainConfig(prediction="x0", loss_dice=0.0, term_weighting="abar")
+    assert (cfg.prediction, cfg.loss_dice, cfg.term_weighting) == ("x0", 0.0, "abar")
 
 
 def test_input_scaling_by_prediction_type():

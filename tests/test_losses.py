@@ -75,7 +75,7 @@ def cfg_with(**weights):
 def test_loss_fn_parts_and_timestep_weighting():
     d = Diffusion(50, prediction="x0")
     truth = square(side=16)
-    cfg = cfg_with(loss_dice=1.0, loss_boundary=1.0, loss_hausdorff=1.0)
+    cfg = cfg_with(loss_dice=1.0, loss_boundary=1.0, loss_hausdorff=1.0, term_weighting="abar")
     wrong = torch.zeros_like(truth) - 1          # predicts an empty mask
     common = dict(diffusion=d, x_t=truth, mask=truth, image=truth, cfg=cfg,
                   distances=sdm(truth))
@@ -89,8 +89,14 @@ def test_loss_fn_parts_and_timestep_weighting():
     for name in ("dice", "hausdorff"):
         assert late[name] < 1e-3 * early[name]   # near pure noise the terms fade out
     assert early["mse"] == late["mse"]           # the diffusion loss is not reweighted
-    _, plain = loss_fn(wrong, truth * 2 - 1, t=torch.tensor([0]), **{**common, "cfg": cfg_with()})
+    _, plain = loss_fn(wrong, truth * 2 - 1, t=torch.tensor([0]),
+                       **{**common, "cfg": cfg_with(loss_dice=0.0)})
     assert set(plain) == {"mse"}
+    # the default weighs every t by 1: the plain Dice loss near pure noise too
+    _, uniform = loss_fn(wrong, truth * 2 - 1, t=torch.tensor([49]), **{**common, "cfg": cfg_with()})
+    assert set(uniform) == {"mse", "dice"}
+    assert uniform["dice"].item() == pytest.approx(
+        soft_dice_loss(torch.zeros_like(truth), truth).item())
 
 
 def test_finite_gradients_under_bf16_autocast():
@@ -164,8 +170,9 @@ def test_adversarial_two_process_gloo_run(tmp_path):
     assert {"adversarial", "critic", "dice", "boundary"} <= set(rows[0])
     losses = [r for r in rows if r["loss"]]
     assert [int(r["step"]) for r in losses] == [1, 2]
+    diffusion_term = "ce" if cfg.prediction == "x0_logits" else "mse"
     for r in losses:   # the logged loss is the sum of its logged terms; the critic's is apart
-        terms = sum(float(r[k]) for k in ("mse", "dice", "boundary", "adversarial"))
+        terms = sum(float(r[k]) for k in (diffusion_term, "dice", "boundary", "adversarial"))
         assert float(r["loss"]) == pytest.approx(terms, rel=1e-4), r
         assert r["critic"], r                     # a critic step with every step
 
