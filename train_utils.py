@@ -397,14 +397,15 @@ def _fmt(v):
 
 # ----------------------------------------------------------------- validation
 @torch.no_grad()
-def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
+def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None, mse=True):
     """EMA model on the validation set: (val_mse, val_iou, val_dice, first batch for pictures).
 
     val_mse: the diffusion MSE (model output against its target, unweighted) at a timestep
     and noise seeded by each image's index; val_iou and val_dice: `steps` (default
     --eval-steps) DDIM steps (eta=0) from a start noise seeded the same way, threshold 0.5,
     averaged over images (two empty masks score 1). So all are comparable across
-    validations, batch sizes and process counts. With K > 2 classes, IoU and Dice are the
+    validations, batch sizes and process counts. mse=False skips val_mse's forward pass
+    (it returns nan; the seeded draws, and so the sampled masks, are the same). With K > 2 classes, IoU and Dice are the
     mean over the foreground classes of each image (utils.class_overlap). All are
     all-reduced as [sum, count], so every rank holds the same numbers.
     """
@@ -419,11 +420,14 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None):
                        for g in gens]).to(device)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         start = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
-        x_t, _ = diffusion.noise_image(x0, t, noise)
-        with autocast(device, dtype):
-            out = ema_model(*diffusion.model_args(x_t, t, image))
-        per_image = (diffusion.comparable_output(out.float())
-                     - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
+        if mse:
+            x_t, _ = diffusion.noise_image(x0, t, noise)
+            with autocast(device, dtype):
+                out = ema_model(*diffusion.model_args(x_t, t, image))
+            per_image = (diffusion.comparable_output(out.float())
+                         - diffusion.training_target(x0, noise, t)).pow(2).flatten(1)
+        else:
+            per_image = torch.full((len(index), 1), math.nan, device=device)
         with autocast(device, dtype):
             probs = diffusion.sample(ema_model, image, steps=steps or cfg.eval_steps,
                                      noise=start, generator=gens[0])  # the ancestral sampler's later draws
@@ -539,6 +543,7 @@ class TrainState:
     nonfinite_streak: int = 0           # skipped steps in a row
     end_seconds: float = 0.0            # the estimated cost of ending the run (see
                                         # validate_and_save), kept out of the budget
+    pass_seconds: float = 0.0           # one forward pass over the val set, as last timed
     last_eval_step: int = -1            # the step of the last validation (and save), so a
                                         # stop right after one does not repeat it
 
@@ -793,10 +798,11 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     samples. Returns the pictures (the first val batch). run_start: when the run would have
     started had it never stopped (this segment's start less the wall time before it)."""
     tick = time.time()
-    val_mse, val_iou, _, vis = validate(state.ema.model, state.diffusion, val_loader, cfg,
-                                        state.device, state.dtype)
+    val_mse, val_iou, val_dice, vis = validate(state.ema.model, state.diffusion, val_loader,
+                                               cfg, state.device, state.dtype)
     seconds = time.time() - tick
-    saves = progress.record_validation(val_iou, val_mse, cfg.min_delta)
+    saves = progress.record_validation(val_iou, val_mse, cfg.min_delta, val_dice,
+                                       cfg.eval_steps)
     progress.stopped_early = progress.out_of_patience(cfg)
     print0(f"step {progress.step} (epoch {epoch + 1}): val_mse {val_mse:.4f}  "
            f"val_iou {val_iou:.4f}  (best {progress.best_iou:.4f}, "
@@ -811,12 +817,13 @@ def validate_and_save(state, cfg, progress, val_loader, log, epoch, run_start):
     save_run(state, cfg, progress, ["last.pt", *saves, f"samples_step{progress.step:07d}.png"],
              vis)
     # What the end of the run will cost, kept in reserve by the --max-minutes budget: a last
-    # validation and save like this one, and the choice of sampling steps, which runs
-    # 1 + s forward passes per val image for each candidate s where validation ran
-    # 1 + eval_steps.
-    choice = seconds * sum(1 + s for s in sample_step_candidates(state.diffusion)) / (
-        1 + cfg.eval_steps)
-    state.end_seconds = (time.time() - tick) + choice
+    # validation and save like this one, and the choice of sampling steps (score_sample_steps),
+    # s forward passes per val image for each candidate s it samples where validation ran
+    # 1 + eval_steps: every candidate but eval_steps (known) and the largest (scored only if
+    # the budget still has room for it).
+    state.pass_seconds = seconds / (1 + cfg.eval_steps)
+    reserved = sum(s for s in sample_step_candidates(state.diffusion)[:-1] if s != cfg.eval_steps)
+    state.end_seconds = (time.time() - tick) + state.pass_seconds * reserved
     return vis
 
 
@@ -852,17 +859,36 @@ def ensemble_steps(dice, diffusion, tolerance=STEP_DICE_TOLERANCE):
     return fewest_good_steps(dice, tolerance)
 
 
-def score_sample_steps(model, diffusion, val_loader, cfg, device, dtype):
-    """{steps: one-sample val Dice} of `model` at every candidate DDIM step count."""
-    return {steps: validate(model, diffusion, val_loader, cfg, device, dtype, steps)[2]
-            for steps in sample_step_candidates(diffusion)}
+def score_sample_steps(model, diffusion, val_loader, cfg, device, dtype, known=None,
+                       affordable=None):
+    """{steps: one-sample val Dice} of `model` at the candidate DDIM step counts, scored in
+    ascending order. A count in `known` ({steps: Dice} the validation that saved `model`
+    measured, with the same seeds) is taken from there. The scan stops after the first
+    count more than STEP_DICE_TOLERANCE below the best so far (fewest_good_steps can no
+    longer pick a later one unless the Dice turns and climbs past the best by the
+    tolerance, which no finished run has shown: benchmarks/step_choices.py), and before a
+    count that `affordable(steps)` refuses (the --max-minutes budget; every rank takes the
+    same decision)."""
+    dice = {}
+    for steps in sample_step_candidates(diffusion):
+        if known and steps in known:
+            dice[steps] = known[steps]
+        else:
+            refused = affordable is not None and not affordable(steps)
+            if all_reduce_sums([float(refused)], device)[0] > 0:
+                break
+            dice[steps] = validate(model, diffusion, val_loader, cfg, device, dtype, steps,
+                                   mse=False)[2]
+        if dice[steps] < max(dice.values()) - STEP_DICE_TOLERANCE:
+            break
+    return dice
 
 
-def finish_run(state, cfg, progress, val_loader, run_start):
+def finish_run(state, cfg, progress, val_loader, run_start, out_of_time=lambda reserve: False):
     """The end of every run: choose the DDIM step count that gives best_iou.pt's EMA weights
     their best one-sample val Dice (the fewest within 0.001 of it: fewest_good_steps), store
-    it as `sample_steps` (with the Dice of every candidate, and the count for an ensemble,
-    `ensemble_steps`) in best_iou.pt, store the final Progress (wall time, validation
+    it as `sample_steps` (with the Dice of each candidate scored, and the count for an
+    ensemble, `ensemble_steps`) in best_iou.pt, store the final Progress (wall time, validation
     share, why it stopped) in last.pt, and say so.
     evaluate.py samples with `sample_steps` (one sample) or `ensemble_steps` (K > 1) when
     given no --steps; the choice's cost is held in reserve by --max-minutes."""
@@ -878,14 +904,23 @@ def finish_run(state, cfg, progress, val_loader, run_start):
         if all_reduce_sums([failed], state.device)[0] > 0:
             raise RunFolderError(f"could not read {out / 'best_iou.pt'} back to choose the "
                                  f"sampling steps: {error if failed else 'on another rank'}")
-        dice = score_sample_steps(model, state.diffusion, val_loader, cfg, state.device,
-                                  state.dtype)
+        known = dict([progress.best_iou_dice]) if progress.best_iou_dice else None
+        dice = score_sample_steps(
+            model, state.diffusion, val_loader, cfg, state.device, state.dtype, known,
+            # the budget kept every candidate but the largest in reserve (validate_and_save)
+            affordable=lambda steps: (steps < sample_step_candidates(state.diffusion)[-1]
+                                      or not out_of_time(state.pass_seconds * steps)))
         progress.sample_steps = fewest_good_steps(dice)
         progress.ensemble_steps = ensemble_steps(dice, state.diffusion)
         progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
         progress.val_seconds += time.time() - tick
+        unscored = [s for s in sample_step_candidates(state.diffusion) if s not in dice]
+        last = dice[max(dice)]
+        why = (f"{max(dice)} fell more than {STEP_DICE_TOLERANCE} below the best"
+               if last < max(dice.values()) - STEP_DICE_TOLERANCE else "no room in --max-minutes")
         print0("sampling steps by val Dice of best_iou.pt (one sample): "
                + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
+               + (f" ({', '.join(map(str, unscored))} not scored: {why})" if unscored else "")
                + f"; evaluate.py will use {progress.sample_steps} for one sample, "
                f"{progress.ensemble_steps} for an ensemble")
     progress.wall_seconds = time.time() - run_start
@@ -1013,6 +1048,6 @@ def train(cfg, resume_from=None, device=None):
                       if progress.stopped_early else "step or epoch cap reached"))
             break
 
-    finish_run(state, cfg, progress, val_loader, run_start)
+    finish_run(state, cfg, progress, val_loader, run_start, out_of_time)
     images, contours, samples = vis if vis is not None else (None, None, None)
     return TrainResult(state.ema.model, samples, contours, images, progress)

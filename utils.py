@@ -368,6 +368,8 @@ class Progress:
     batch: int = 0                   # batches trained of the next epoch (a mid-epoch save)
     step: int = 0                    # optimiser steps taken (skipped non-finite ones aside)
     best_iou: float = -1.0           # best EMA val IoU: best_iou.pt
+    best_iou_dice: Optional[list] = None  # [DDIM steps, val Dice] of the validation that
+                                          # wrote best_iou.pt (reused by the step choice)
     best_mse: float = math.inf       # best EMA val MSE: best_mse.pt
     patience_iou: float = -1.0       # the val IoU the patience count last restarted at
     patience_step: int = 0           # ... and the step it restarted at
@@ -382,8 +384,9 @@ class Progress:
     sample_steps_dice: Optional[list] = None  # ... [[steps, one-sample val Dice], ...]
     ensemble_steps: Optional[int] = None      # ... for an ensemble (train_utils.ensemble_steps)
 
-    def record_validation(self, val_iou, val_mse, min_delta):
-        """Fold one validation in; returns the best_*.pt files to write.
+    def record_validation(self, val_iou, val_mse, min_delta, val_dice=None, steps=None):
+        """Fold one validation in; returns the best_*.pt files to write. `val_dice` at
+        `steps` DDIM steps is kept with a new best IoU (best_iou_dice).
 
         best_iou.pt follows every val IoU gain, however small. The patience count restarts
         only on a gain of more than min_delta over the IoU at its last restart, so a run
@@ -396,6 +399,7 @@ class Progress:
             self.patience_iou, self.patience_step = val_iou, self.step
         if val_iou > self.best_iou:
             self.best_iou = val_iou
+            self.best_iou_dice = None if val_dice is None else [steps, val_dice]
             self.sample_steps = self.sample_steps_dice = self.ensemble_steps = None
             # ... chosen for other weights
             saves.append("best_iou.pt")

@@ -125,8 +125,18 @@ def test_options_train_and_reload(tmp_path):
     result = train(cfg)
     assert result.progress.sample_steps in (1, 2, 5, 10)
     dice = dict(map(tuple, result.progress.sample_steps_dice))
-    assert sorted(dice) == [1, 2, 5, 10]
+    scored = list(dice)       # ascending, up to the first count that fell below the best
+    assert scored == [1, 2, 5, 10][:len(scored)] and len(scored) >= 2
+    assert len(scored) == 4 or dice[scored[-1]] < max(dice.values()) - 1e-3
     assert result.progress.sample_steps == fewest_good_steps(dice)
+    # the --eval-steps count was taken from best_iou.pt's validation, not sampled again:
+    # the same as sampling its weights again with validation's seeds
+    assert result.progress.best_iou_dice == [2, dice[2]]
+    model, diffusion, _ = load_checkpoint(tmp_path / "run" / "best_iou.pt")
+    _, _, val_loader = train_utils.build_loaders(cfg, torch.device("cpu"))
+    again = train_utils.validate(model, diffusion, val_loader, cfg, torch.device("cpu"), None,
+                                 steps=2, mse=False)
+    assert again[2] == pytest.approx(dice[2], abs=1e-6) and math.isnan(again[0])
     state = torch.load(tmp_path / "run" / "best_iou.pt", weights_only=True)
     assert state["sample_steps"] == result.progress.sample_steps
     model, diffusion, config = load_checkpoint(tmp_path / "run" / "best_iou.pt")
@@ -229,3 +239,29 @@ def test_ensemble_steps_spread_the_samples_when_one_step_cannot():
     assert stored_sample_steps(state) == 1 and stored_sample_steps(state, 5) == 2
     assert stored_sample_steps({"sample_steps": 1}, 5) == 1           # before the choice
     assert stored_sample_steps({}, 5) == stored_sample_steps({}) == 25
+
+
+def test_step_choice_reuses_what_validation_measured_and_stops_once_past_the_best(monkeypatch):
+    """Candidates are scored in ascending order without val_mse's pass; a count validation
+    measured on the same weights is not sampled again; the scan stops after the first count
+    more than 0.001 below the best, and before one the budget cannot afford."""
+    table = {1: 0.90, 2: 0.95, 5: 0.9495, 10: 0.93}
+    calls = []
+
+    def fake_validate(model, diffusion, loader, cfg, device, dtype, steps=None, mse=True):
+        calls.append((steps, mse))
+        return math.nan, 0.0, table[steps], None
+    monkeypatch.setattr(train_utils, "validate", fake_validate)
+    diffusion = Diffusion(1000)
+    score = lambda **kw: train_utils.score_sample_steps(   # noqa: E731
+        None, diffusion, None, None, torch.device("cpu"), None, **kw)
+    assert score(known={1: 0.90}) == {1: 0.90, 2: 0.95, 5: 0.9495, 10: 0.93}
+    assert calls == [(2, False), (5, False), (10, False)]
+    table[5] = 0.94                                     # 0.01 below the best: stop there
+    calls.clear()
+    assert score() == {1: 0.90, 2: 0.95, 5: 0.94} and [s for s, _ in calls] == [1, 2, 5]
+    calls.clear()
+    assert score(known={1: 0.90}, affordable=lambda steps: steps < 5) == {1: 0.90, 2: 0.95}
+    assert [s for s, _ in calls] == [2]
+    # the choice over a cut scan is the full scan's whenever the Dice does not climb back
+    assert fewest_good_steps({1: 0.90, 2: 0.95, 5: 0.94}) == 2
