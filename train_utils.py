@@ -405,9 +405,10 @@ def validate(ema_model, diffusion, loader, cfg, device, dtype, steps=None, mse=T
     --eval-steps) DDIM steps (eta=0) from a start noise seeded the same way, threshold 0.5,
     averaged over images (two empty masks score 1). So all are comparable across
     validations, batch sizes and process counts. mse=False skips val_mse's forward pass
-    (it returns nan; the seeded draws, and so the sampled masks, are the same). With K > 2 classes, IoU and Dice are the
-    mean over the foreground classes of each image (utils.class_overlap). All are
-    all-reduced as [sum, count], so every rank holds the same numbers.
+    (it returns nan; the seeded draws, and so the sampled masks, are the same). With K > 2
+    classes, IoU and Dice are the mean over the foreground classes of each image
+    (utils.class_overlap). All are all-reduced as [sum, count], so every rank holds the
+    same numbers.
     """
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # mse, iou, dice, images
     vis = None
@@ -863,25 +864,26 @@ def score_sample_steps(model, diffusion, val_loader, cfg, device, dtype, known=N
                        affordable=None):
     """{steps: one-sample val Dice} of `model` at the candidate DDIM step counts, scored in
     ascending order. A count in `known` ({steps: Dice} the validation that saved `model`
-    measured, with the same seeds) is taken from there. The scan stops after the first
-    count more than STEP_DICE_TOLERANCE below the best so far (fewest_good_steps can no
-    longer pick a later one unless the Dice turns and climbs past the best by the
-    tolerance, which no finished run has shown: benchmarks/step_choices.py), and before a
-    count that `affordable(steps)` refuses (the --max-minutes budget; every rank takes the
-    same decision)."""
+    measured, with the same seeds) is taken from there, and kept whatever the scan does.
+    The scan stops after the first count more than STEP_DICE_TOLERANCE below the best so
+    far (fewest_good_steps can no longer pick a later one unless the Dice turns and climbs
+    past the best by the tolerance, which no finished full scan has shown:
+    benchmarks/step_choices.py), and before a count that `affordable(steps)` refuses (the
+    --max-minutes budget; every rank takes the same decision; never the first count)."""
+    known = {s: d for s, d in (known or {}).items() if s in sample_step_candidates(diffusion)}
     dice = {}
     for steps in sample_step_candidates(diffusion):
-        if known and steps in known:
+        if steps in known:
             dice[steps] = known[steps]
         else:
-            refused = affordable is not None and not affordable(steps)
+            refused = bool(dice) and affordable is not None and not affordable(steps)
             if all_reduce_sums([float(refused)], device)[0] > 0:
                 break
             dice[steps] = validate(model, diffusion, val_loader, cfg, device, dtype, steps,
                                    mse=False)[2]
         if dice[steps] < max(dice.values()) - STEP_DICE_TOLERANCE:
             break
-    return dice
+    return dict(sorted({**known, **dice}.items()))
 
 
 def finish_run(state, cfg, progress, val_loader, run_start, out_of_time=lambda reserve: False):
@@ -898,13 +900,16 @@ def finish_run(state, cfg, progress, val_loader, run_start, out_of_time=lambda r
         model = copy.deepcopy(state.ema.model)
         failed = 0.0
         try:   # every rank reads it: a rank that cannot must not leave the others waiting
-            model.load_state_dict(read_checkpoint(out / "best_iou.pt")["ema"])
+            best = read_checkpoint(out / "best_iou.pt")
+            model.load_state_dict(best["ema"])
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             failed, error = 1.0, e
         if all_reduce_sums([failed], state.device)[0] > 0:
             raise RunFolderError(f"could not read {out / 'best_iou.pt'} back to choose the "
                                  f"sampling steps: {error if failed else 'on another rank'}")
-        known = dict([progress.best_iou_dice]) if progress.best_iou_dice else None
+        # the file's own record, not this run's memory: a resume from last_prev.pt or an
+        # older checkpoint may not know the best_iou.pt on disk
+        known = dict([best["best_iou_dice"]]) if best.get("best_iou_dice") else None
         dice = score_sample_steps(
             model, state.diffusion, val_loader, cfg, state.device, state.dtype, known,
             # the budget kept every candidate but the largest in reserve (validate_and_save)
@@ -915,9 +920,11 @@ def finish_run(state, cfg, progress, val_loader, run_start, out_of_time=lambda r
         progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
         progress.val_seconds += time.time() - tick
         unscored = [s for s in sample_step_candidates(state.diffusion) if s not in dice]
-        last = dice[max(dice)]
-        why = (f"{max(dice)} fell more than {STEP_DICE_TOLERANCE} below the best"
-               if last < max(dice.values()) - STEP_DICE_TOLERANCE else "no room in --max-minutes")
+        if unscored:   # the scan stopped after `last`
+            last = max([s for s in dice if s < unscored[0]], default=unscored[0])
+            why = (f"{last} fell more than {STEP_DICE_TOLERANCE} below the best"
+                   if dice.get(last, 1.0) < max(dice.values()) - STEP_DICE_TOLERANCE
+                   else "no room in --max-minutes")
         print0("sampling steps by val Dice of best_iou.pt (one sample): "
                + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
                + (f" ({', '.join(map(str, unscored))} not scored: {why})" if unscored else "")

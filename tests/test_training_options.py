@@ -263,5 +263,9 @@ def test_step_choice_reuses_what_validation_measured_and_stops_once_past_the_bes
     calls.clear()
     assert score(known={1: 0.90}, affordable=lambda steps: steps < 5) == {1: 0.90, 2: 0.95}
     assert [s for s, _ in calls] == [2]
+    # a known count stays whatever the scan does; the first count is never refused
+    calls.clear()
+    assert score(known={10: 0.97}, affordable=lambda steps: False) == {1: 0.90, 10: 0.97}
+    assert [s for s, _ in calls] == [1]
     # the choice over a cut scan is the full scan's whenever the Dice does not climb back
     assert fewest_good_steps({1: 0.90, 2: 0.95, 5: 0.94}) == 2
