@@ -920,11 +920,9 @@ def finish_run(state, cfg, progress, val_loader, run_start, out_of_time=lambda r
         progress.sample_steps_dice = [[steps, d] for steps, d in dice.items()]
         progress.val_seconds += time.time() - tick
         unscored = [s for s in sample_step_candidates(state.diffusion) if s not in dice]
-        if unscored:   # the scan stopped after `last`
-            last = max([s for s in dice if s < unscored[0]], default=unscored[0])
-            why = (f"{last} fell more than {STEP_DICE_TOLERANCE} below the best"
-                   if dice.get(last, 1.0) < max(dice.values()) - STEP_DICE_TOLERANCE
-                   else "no room in --max-minutes")
+        fell = [s for s, d in dice.items() if d < max(dice.values()) - STEP_DICE_TOLERANCE]
+        why = (f"{fell[0]} fell more than {STEP_DICE_TOLERANCE} below the best" if fell
+               else "no room in --max-minutes")
         print0("sampling steps by val Dice of best_iou.pt (one sample): "
                + ", ".join(f"{steps}: {d:.4f}" for steps, d in dice.items())
                + (f" ({', '.join(map(str, unscored))} not scored: {why})" if unscored else "")
