@@ -32,6 +32,8 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 REPRESENTATIONS = ("onehot", "bits")
 INPUT_SCALINGS = ("none", "abar")
+# the views of an image a mirrored ensemble's members see, in member order (flipped axes)
+MIRROR_VIEWS = ((), (-1,), (-2,), (-2, -1))   # as is, left-right, up-down, both
 
 
 # ------------------------------------------------------------------ noise schedules
@@ -225,6 +227,17 @@ def _randn(shape, generator, device):
     if generator is None:
         return torch.randn(shape, device=device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def mirror_members(x, num_samples):
+    """Flip row s of every group of `num_samples` adjacent rows of x (B*S, C, H, W) by
+    MIRROR_VIEWS[s % 4]; its own inverse."""
+    x = x.clone()
+    for s in range(1, num_samples):
+        axes = MIRROR_VIEWS[s % len(MIRROR_VIEWS)]
+        if axes:
+            x[s::num_samples] = x[s::num_samples].flip(axes)
+    return x
 
 
 class Diffusion:
@@ -569,7 +582,7 @@ class Diffusion:
             yield t_int, x_t, x0
 
     def sample(self, model, image, steps=None, eta=0.0, generator=None, progress=False,
-               num_samples=1, max_batch=None, noise=None):
+               num_samples=1, max_batch=None, noise=None, mirror=False):
         """Generate masks for a batch of images, S = num_samples per image: binary masks as
         foreground probabilities in [0, 1], (B, S, H, W); label maps of K > 2 classes as
         class probabilities, (B, S, K, H, W) (S = 1 included). labels_from_probabilities
@@ -580,10 +593,15 @@ class Diffusion:
         The S samples of every image are drawn in one batched pass of B*S, split into
         chunks of at most `max_batch` when memory is short. noise: the starting x_T of
         every sample, (B*S, M, H, W) with each image's S samples adjacent; drawn from
-        `generator` when None.
+        `generator` when None. mirror: sample s of every image sees the image flipped as
+        MIRROR_VIEWS[s % 4] and its mask is flipped back (test-time mirroring, for a model
+        trained with flips: the members then differ by more than their noise); sample 0
+        always sees the image as it is.
         """
         b, _, h, w = image.shape
         repeated = image.repeat_interleave(num_samples, dim=0)     # (B*S, C, H, W)
+        if mirror:
+            repeated = mirror_members(repeated, num_samples)
         chunk = max_batch or repeated.shape[0]
         was_training = model.training
         model.eval()
@@ -599,6 +617,8 @@ class Diffusion:
                         pass
                     probs.append(self.probabilities(x0))           # (b*S, 1 or K, H, W)
                 probs = torch.cat(probs)
+                if mirror:
+                    probs = mirror_members(probs, num_samples)   # back to the image's frame
                 if self.num_classes == 2:
                     return probs.reshape(b, num_samples, h, w)
                 return probs.reshape(b, num_samples, self.num_classes, h, w)

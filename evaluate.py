@@ -73,8 +73,9 @@ def prepare_model(model, device, compile=False):
 
 
 def predict(model, diffusion, images, steps, ensemble=1, fusion="mean", eta=0.0,
-            generator=None, amp=None, max_batch=None):
-    """Sample `ensemble` masks per image and fuse them.
+            generator=None, amp=None, max_batch=None, mirror=False):
+    """Sample `ensemble` masks per image and fuse them; with `mirror`, the members see the
+    image as it is and flipped (Diffusion.sample).
 
     Returns the fused probabilities (binary: (B, 1, H, W) foreground; K classes: (B, K, H,
     W) class distributions), the samples (B, S, H, W) or (B, S, K, H, W), and the
@@ -84,7 +85,7 @@ def predict(model, diffusion, images, steps, ensemble=1, fusion="mean", eta=0.0,
     with context:
         samples = diffusion.sample(model, images.to(device), steps=steps, eta=eta,
                                    generator=generator, num_samples=ensemble,
-                                   max_batch=max_batch).float()
+                                   max_batch=max_batch, mirror=mirror).float()
     if ensemble > 1:
         fused = fuse_samples(samples, fusion)
     else:
@@ -180,7 +181,7 @@ def image_metrics(pred, truth, num_classes, spacing=1.0, tolerance=2.0):
 
 def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean", eta=0.0,
              batch_size=16, seed=0, amp=None, spacing=1.0, tolerance=2.0, names=None,
-             max_batch=None, sheet_rows=8):
+             max_batch=None, sheet_rows=8, mirror=False):
     """Score every image of `dataset`; write metrics.json, per_image.csv, reliability.png
     and picture sheets to `out`; return the metrics dict. With K > 2 classes (from
     `diffusion`), `metrics` holds the mean over foreground classes of each image's scores
@@ -200,7 +201,7 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
     for image, mask in tqdm(loader, desc="evaluating"):
         start = time.perf_counter()
         fused, samples, unc = predict(model, diffusion, image, steps, ensemble, fusion, eta,
-                                      generator, amp, max_batch)
+                                      generator, amp, max_batch, mirror)
         fused, entropy = fused.cpu(), unc["entropy"].cpu()
         sampling_seconds += time.perf_counter() - start
         truth = true_labels(mask, num_classes)                        # (B, 1, H, W)
@@ -274,7 +275,8 @@ def evaluate(model, diffusion, dataset, out, steps=25, ensemble=1, fusion="mean"
         },
         "calibration": calibration_summary(bins),
         "seconds_per_image": sampling_seconds / max(len(rows), 1),
-        "settings": {"steps": steps, "ensemble": ensemble, "fusion": fusion, "eta": eta,
+        "settings": {"steps": steps, "ensemble": ensemble, "mirror": mirror,
+                     "fusion": fusion, "eta": eta,
                      "seed": seed, "threshold": 0.5, "spacing": spacing,
                      "boundary_tolerance": tolerance, "batch_size": batch_size},
     }
@@ -381,7 +383,8 @@ def _write_sheet(out, panels, rows_per_sheet, index):
 
 # ------------------------------------------------------------------ inference
 def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
-                   fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None, fit=None):
+                   fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None, fit=None,
+                   mirror=False):
     """Masks for every image in `folder` (no masks needed), written at each image's own size:
     the image is made square (`fit`, default the run's) and resized as in training, and the
     prediction is mapped back: resized and the padding cut off (pad), resized to the
@@ -403,7 +406,8 @@ def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
             empty = torch.zeros(1, *image.shape[-2:], dtype=torch.uint8)
             batch.append(fit_square(image, empty, config.image_size, fit)[0])
         fused, _, unc = predict(model, diffusion, torch.stack(batch), steps, ensemble, fusion,
-                                generator=generator, amp=amp, max_batch=max_batch)
+                                generator=generator, amp=amp, max_batch=max_batch,
+                                mirror=mirror)
         labels = predicted_labels(fused.cpu(), diffusion.num_classes)      # (B, 1, S, S)
         for path, (h, w), label, entropy in zip(paths[start:], sizes, labels,
                                                  unc["entropy"].cpu()):
@@ -419,7 +423,8 @@ def predict_folder(model, diffusion, config, folder, out, steps=25, ensemble=1,
 
 
 def predict_volumes(model, diffusion, config, folder, out, steps=25, ensemble=1,
-                    fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None, fit=None):
+                    fusion="mean", batch_size=16, seed=0, amp=None, max_batch=None, fit=None,
+                    mirror=False):
     """Label volumes for every NIfTI case in `folder`: `<case>_0000.nii.gz` (+ `_0001`, ...
     for more channels, nnU-Net's naming) or `<case>.nii.gz`. Each is read as training read
     it (the run's --window or percentiles, --slice-axis), predicted slice by slice, mapped
@@ -474,7 +479,8 @@ def predict_volumes(model, diffusion, config, folder, out, steps=25, ensemble=1,
                 empty = torch.zeros(1, h, w, dtype=torch.uint8)
                 batch.append(fit_square(image, empty, config.image_size, fit)[0])
             fused, _, unc = predict(model, diffusion, torch.stack(batch), steps, ensemble,
-                                    fusion, generator=generator, amp=amp, max_batch=max_batch)
+                                    fusion, generator=generator, amp=amp, max_batch=max_batch,
+                                    mirror=mirror)
             for label, ent in zip(predicted_labels(fused.cpu(), diffusion.num_classes),
                                   unc["entropy"].cpu()):
                 labels.append(_unfit(label, h, w, fit, v2.InterpolationMode.NEAREST_EXACT
@@ -534,6 +540,10 @@ def build_parser():
                              "split for one sample, or for an ensemble (which needs 2 or more "
                              "when one step gives K equal samples); 25 without one")
     parser.add_argument("--ensemble", type=int, default=5, help="samples per image")
+    parser.add_argument("--mirror", default="auto", choices=("auto", "on", "off"),
+                        help="ensemble members 2-4 see the image flipped left-right, "
+                             "up-down, both (then again); auto: on when the run trained with "
+                             "flips (binary masks by default)")
     parser.add_argument("--fusion", default="mean", choices=FUSIONS)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"))
@@ -616,7 +626,9 @@ def main(argv=None):
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         common = dict(steps=args.steps, ensemble=args.ensemble, fusion=args.fusion,
                       batch_size=args.batch_size, seed=args.seed, amp=amp,
-                      max_batch=args.max_batch)
+                      max_batch=args.max_batch,
+                      mirror={"on": True, "off": False}.get(args.mirror,
+                                                             config.trained_mirrored()))
         if args.images:
             volumes = any(p.name.endswith(VOLUME_ENDINGS) for p in Path(args.images).iterdir())
             n = (predict_volumes if volumes else predict_folder)(

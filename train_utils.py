@@ -614,7 +614,7 @@ def dataset_options(cfg):
                 mask_suffix=cfg.mask_suffix, allow_soft_masks=cfg.allow_soft_masks,
                 fit=cfg.fit, num_classes=cfg.num_classes,
                 class_values=list(cfg.class_values) or None,
-                flips=cfg.flips == "on" or (cfg.flips == "auto" and cfg.num_classes == 2),
+                flips=cfg.flips_on(),
                 slice_axis=cfg.slice_axis, window=tuple(cfg.window) or None,
                 empty_slice_fraction=cfg.empty_slice_fraction)
 

@@ -263,6 +263,15 @@ class TrainConfig:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         return cls(**d)
 
+    def flips_on(self):
+        """Whether --augment (when on) flips training images: --flips on, or auto on a
+        binary mask."""
+        return self.flips == "on" or (self.flips == "auto" and self.num_classes == 2)
+
+    def trained_mirrored(self):
+        """Whether the run saw its images flipped in both axes: evaluate.py's --mirror auto."""
+        return self.augment and self.flips_on()
+
     def describe_auto(self):
         """One line naming the settings a rule chose, for the start of a run."""
         return ", ".join(f"{k.replace('_', '-')} {_fmt_value(getattr(self, k))}"

@@ -5,7 +5,8 @@
 
 DDPM-v2: `python main.py --max-minutes M` with the default config plus --flags and
 --ddpm-flags; best_iou.pt (EMA) is scored by evaluate.evaluate with one sample and a K=5
-ensemble (mean fusion), sampled with the DDIM step counts the run chose on its val split
+ensemble (mean fusion; members mirrored as evaluate.py's --mirror auto does: on for a
+run trained with flips), sampled with the DDIM step counts the run chose on its val split
 at its end for one sample and for an ensemble (as evaluate.py does), or with --steps:
 given several, e.g. `--steps 1 5 25`, the counts are chosen on the validation split here
 as a run chooses them (train_utils.fewest_good_steps, ensemble_steps). The ensemble's
@@ -20,6 +21,10 @@ soft Dice over the foreground classes, K output channels) for the same wall-cloc
 with the same EMA and the same --flags (batch size, learning rate, width, ...); the EMA
 weights of its best validation Dice are scored. Both on the test split, threshold 0.5 (or
 arg-max); for K > 2 Dice is the mean over foreground classes, with each class's beside it.
+Where DDPM-v2's ensemble is mirrored, the U-Net is also scored with its probabilities
+averaged over the same four views ("reference: U-Net, mirrored"), so the share of a lead
+that test-time mirroring alone would give a U-Net is on the table; the targets compare
+with the plain U-Net.
 
 The baseline trains in fp32 on the CPU: the comparison is meant for a CPU machine. On a GPU
 box, hide the GPU (CUDA_VISIBLE_DEVICES=) or DDPM-v2 gets it and the baseline does not.
@@ -51,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main as launcher  # noqa: E402
-from DDPM import one_hot_labels, true_labels  # noqa: E402
+from DDPM import MIRROR_VIEWS, one_hot_labels, true_labels  # noqa: E402
 from dataset import build_datasets, load_split, make_loader, set_epoch  # noqa: E402
 from evaluate import evaluate, image_metrics, predict, predicted_labels  # noqa: E402
 from model import UNet2D  # noqa: E402
@@ -167,6 +172,18 @@ def baseline_loss(logits, mask, num_classes):
 def labels(logits, num_classes):
     """(B, 1, H, W) label maps from the baseline's logits."""
     return (logits > 0).long() if num_classes == 2 else logits.argmax(1, keepdim=True)
+
+
+def mirrored_labels(baseline, image, num_classes):
+    """The baseline's label maps from its class probabilities averaged over MIRROR_VIEWS
+    (each view's prediction flipped back)."""
+    probs = 0.0
+    for axes in MIRROR_VIEWS:
+        logits = baseline(image.flip(axes) if axes else image)
+        p = torch.sigmoid(logits) if num_classes == 2 else logits.softmax(1)
+        probs = probs + (p.flip(axes) if axes else p)
+    probs = probs / len(MIRROR_VIEWS)
+    return (probs > 0.5).long() if num_classes == 2 else probs.argmax(1, keepdim=True)
 
 
 def score(predict_fn, test, num_classes=2, batch_size=32, rows=None):
@@ -305,10 +322,10 @@ def main():
     print("DDIM steps by val Dice (one sample): "
           + ", ".join(f"{s}: {d:.4f}" for s, d in val_dice.items())
           + f"; using {steps[1]} for one sample, {steps[args.ensemble]} for K={args.ensemble}")
-    results = {}
+    results, mirror = {}, ddpm_cfg.trained_mirrored()
     for k in (1, args.ensemble):   # each from the seed, as evaluate.py and bench_sampling
         metrics = evaluate(model, diffusion, test, out / f"eval-k{k}", steps=steps[k],
-                           ensemble=k, seed=args.seed)
+                           ensemble=k, seed=args.seed, mirror=mirror)
         m, u = metrics["metrics"], metrics["uncertainty"]
         results[f"DDPM-v2 K={k}"] = {
             "dice": m["dice"]["mean"], "iou": m["iou"]["mean"], "hd95": m["hd95"]["mean"],
@@ -327,6 +344,10 @@ def main():
         name_b = "U-Net (BCE + Dice)" if cfg.num_classes == 2 else "U-Net (CE + Dice)"
         results[name_b] = score(lambda image: labels(baseline(image), cfg.num_classes), test,
                                 cfg.num_classes, rows=unet_rows)
+        if mirror:
+            results["reference: U-Net, mirrored"] = score(
+                lambda image: mirrored_labels(baseline, image, cfg.num_classes), test,
+                cfg.num_classes)
     (out / "unet").mkdir(exist_ok=True)
     # not a DDPM-v2 checkpoint (no "model" key): Deterministic(cfg).load_state_dict(saved["unet"])
     torch.save({"kind": "bench_quality U-Net baseline", "unet": baseline.state_dict(),
@@ -351,14 +372,14 @@ def main():
     print(f"\n{name} at {args.image_size} px, {args.minutes:g} training minutes each, "
           f"{len(test)} test images, DDPM-v2 sampled with {steps[1]} DDIM steps "
           f"(K={args.ensemble}: {steps[args.ensemble]})")
-    print(f"{'model':20s} {'Dice':>7s} {'IoU':>7s} {'HD95 px':>8s} {'AUROC':>6s} "
+    print(f"{'model':26s} {'Dice':>7s} {'IoU':>7s} {'HD95 px':>8s} {'AUROC':>6s} "
           f"{'H wrong':>7s} {'H right':>7s} {'ECE':>7s}")
     for model_name, r in results.items():
         extra = (f" {r['auroc']:6.3f} {r['entropy_wrong']:7.3f} {r['entropy_right']:7.3f} "
                  f"{r['ece']:7.4f}" if "auroc" in r else "")
-        print(f"{model_name:20s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}" + extra)
+        print(f"{model_name:26s} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95']:8.3f}" + extra)
         if "dice_per_class" in r:
-            print(" " * 21 + "Dice per class: " + "  ".join(
+            print(" " * 27 + "Dice per class: " + "  ".join(
                 f"{c}: {d:.4f}" for c, d in r["dice_per_class"].items()))
     for pair, p in paired.items():
         print(f"{pair}, Dice per test image: mean {p['mean']:+.4f}, 95% interval "
@@ -368,6 +389,7 @@ def main():
               f"({p['largest_loss']['difference']:+.4f})")
     report = {"data": args.data, "image_size": args.image_size, "minutes": args.minutes,
               "seed": args.seed, "steps": steps[1], "ensemble_steps": steps[args.ensemble],
+              "mirror": mirror,
               "val_dice_by_steps": val_dice, "flags": flags,
               "ddpm_flags": ddpm_flags,
               "reused_ddpm": args.reuse_ddpm,

@@ -7,8 +7,10 @@ For a change that touches sampling only (the DDIM grid, the choice of steps), no
 the end-of-run choice of DDIM steps is made again on best_iou.pt's EMA weights and val split
 with this commit's code (train_utils.score_sample_steps, fewest_good_steps, ensemble_steps,
 as finish_run makes it), and the test split is scored as bench_quality.py scores it
-(evaluate.evaluate, one sample and a K=5 ensemble, seeded by the run's seed). The U-Net's
-figures are the bench_quality run's own (its results.json): its training is not touched.
+(evaluate.evaluate, one sample and a K=5 ensemble, seeded by the run's seed, mirrored as
+evaluate.py's --mirror auto). The U-Net's figures are the bench_quality run's own (its
+results.json): its training is not touched; for a mirrored ensemble its weights are also
+scored with the same mirroring (bench_quality's reference row).
 The checkpoint is not changed. Writes <run>/rescore-<commit>/ (evaluate's files and
 results.json) and prints a markdown table.
 """
@@ -27,8 +29,9 @@ from dataset import load_split  # noqa: E402
 from evaluate import evaluate  # noqa: E402
 from train_utils import (amp_dtype, build_loaders, dataset_options,  # noqa: E402
                          ensemble_steps, fewest_good_steps, score_sample_steps)
+from bench_quality import Deterministic, mirrored_labels, score  # noqa: E402
 from reproduce import commit  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from utils import TrainConfig, load_checkpoint  # noqa: E402
 
 
 def rescore(run, ensemble, tag, device):
@@ -47,10 +50,10 @@ def rescore(run, ensemble, tag, device):
                       seed=cfg.seed, **dataset_options(cfg))
     out = run / f"rescore-{tag}"
     before = json.loads((run / "results.json").read_text())
-    results = {}
+    results, mirror = {}, cfg.trained_mirrored()
     for k in sorted({1, ensemble}):
         m = evaluate(model, diffusion, test, out / f"eval-k{k}", steps=steps[k], ensemble=k,
-                     seed=cfg.seed)
+                     seed=cfg.seed, mirror=mirror)
         u = m["uncertainty"]
         results[f"DDPM-v2 K={k}"] = {
             "dice": m["metrics"]["dice"]["mean"], "iou": m["metrics"]["iou"]["mean"],
@@ -62,7 +65,17 @@ def rescore(run, ensemble, tag, device):
             results[f"DDPM-v2 K={k}"]["dice_per_class"] = {
                 c: v["dice"]["mean"] for c, v in m["per_class"].items()}
     results.update({k: v for k, v in before["results"].items() if not k.startswith("DDPM")})
-    report = {"commit": tag, "run": str(run), "val_dice_by_steps": dice, "results": results,
+    if mirror:
+        saved = torch.load(run / "unet" / "best_val_dice.pt", map_location="cpu",
+                           weights_only=False)
+        unet = Deterministic(TrainConfig.from_dict(saved["config"]))
+        unet.load_state_dict(saved["unet"] if "unet" in saved else saved["model"])
+        with torch.no_grad():
+            results["reference: U-Net, mirrored"] = score(
+                lambda image: mirrored_labels(unet.eval(), image, cfg.num_classes), test,
+                cfg.num_classes)
+    report = {"commit": tag, "run": str(run), "val_dice_by_steps": dice, "mirror": mirror,
+              "results": results,
               "before": {k: v for k, v in before["results"].items() if k.startswith("DDPM")}}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     return report

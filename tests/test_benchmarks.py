@@ -59,6 +59,26 @@ def test_paired_difference_on_known_per_image_scores():
         bench_quality.paired_difference([0.9, 0.8], [0.9, 0.7], ["a"])
 
 
+def test_mirrored_baseline_averages_the_four_views_in_the_images_frame():
+    """The U-Net reference row: probabilities averaged over the views, each flipped back."""
+    import bench_quality
+    image = torch.randn(2, 1, 6, 6)
+    pointwise = lambda x: x * 3              # noqa: E731  a view-blind, pixel-wise 'U-Net'
+    assert torch.equal(bench_quality.mirrored_labels(pointwise, image, 2),
+                       bench_quality.labels(pointwise(image), 2))
+    corner = torch.full((1, 1, 6, 6), -5.0)
+    corner[..., 0, 0] = 5.0                  # always says: the top-left pixel, nothing else
+    fixed = lambda x: corner.expand(x.shape[0], -1, -1, -1)   # noqa: E731
+    # each view puts its pixel in another corner: one of four votes, 0.5 mean prob at most
+    probs = torch.sigmoid(torch.tensor(5.0)) / 4 + torch.sigmoid(torch.tensor(-5.0)) * 3 / 4
+    assert probs < 0.5
+    assert bench_quality.mirrored_labels(fixed, image, 2).sum() == 0
+    classes = lambda x: torch.cat([x, -x, x.abs() - 1], 1)   # noqa: E731  pixel-wise, 3 classes
+    got = bench_quality.mirrored_labels(classes, image, 3)
+    assert got.shape == (2, 1, 6, 6)
+    assert torch.equal(got, bench_quality.labels(classes(image), 3))
+
+
 def test_seed_summary_groups_seeds_and_gives_a_t_interval(tmp_path, capsys):
     """seed_summary: per-seed differences grouped by data set and size, their mean, sample
     sd and 95% t-interval (t(0.975, 2) = 4.3027 from the table), a rescore's results.json

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import evaluate
-from DDPM import Diffusion
+from DDPM import MIRROR_VIEWS, Diffusion, mirror_members
 from train_utils import ensemble_steps, fewest_good_steps
 from utils import (auroc, fuse_samples, load_checkpoint, mask_metrics, staple,
                    uncertainty_maps)
@@ -181,6 +181,52 @@ class Thresholder(torch.nn.Module):
         return (x_in[:, 1:2] > 0.5).float() * 2 - 1 + self.dummy
 
 
+class Pattern(torch.nn.Module):
+    """An x0-predicting 'model' that ignores its input and draws one fixed, lopsided mask."""
+
+    def __init__(self, size=8):
+        super().__init__()
+        self.mask = torch.nn.Parameter(torch.zeros(1, 1, size, size))
+        with torch.no_grad():
+            self.mask[..., :3, :2] = 1.0     # a block in the top-left corner only
+
+    def forward(self, x_in, t):
+        return (self.mask * 2 - 1).expand(x_in.shape[0], -1, -1, -1)
+
+
+def test_mirror_members_flips_each_member_by_its_view_and_undoes_itself():
+    x = torch.randn(3 * 5, 2, 4, 6)                     # 3 images x 5 members
+    flipped = mirror_members(x, 5)
+    assert torch.equal(mirror_members(flipped, 5), x)
+    for s in range(5):
+        axes = MIRROR_VIEWS[s % 4]
+        want = x[s::5].flip(axes) if axes else x[s::5]
+        assert torch.equal(flipped[s::5], want)
+    assert torch.equal(flipped[0::5], x[0::5]) and torch.equal(flipped[4::5], x[4::5])
+    assert torch.equal(mirror_members(x, 1), x)
+
+
+def test_mirrored_ensemble_members_see_flipped_images_and_return_to_its_frame():
+    d = Diffusion(50, prediction="x0")
+    images = torch.rand(2, 1, 8, 8)                      # lopsided: no flip leaves them as is
+    # a mask read off the image pixel by pixel is the same in every view once flipped back
+    plain = d.sample(Thresholder(), images, steps=3, num_samples=5)
+    mirrored = d.sample(Thresholder(), images, steps=3, num_samples=5, mirror=True)
+    assert torch.equal(mirrored, plain)
+    assert torch.equal(plain[:, 0], plain[:, 1])
+    # a model blind to the image draws its fixed mask in the view it was given: member s
+    # comes back as that mask flipped by its view
+    drawn = d.sample(Pattern(), images, steps=3, num_samples=5, mirror=True)
+    fixed = d.sample(Pattern(), images, steps=3, num_samples=1)[:, 0]
+    assert fixed[:, :3, :2].min() > 0.9 and fixed[:, 3:].max() < 0.1
+    for s in range(5):
+        axes = MIRROR_VIEWS[s % 4]
+        assert torch.equal(drawn[:, s], fixed.flip(axes) if axes else fixed)   # (B, H, W)
+    # without mirroring every member draws it as it is
+    assert torch.equal(d.sample(Pattern(), images, steps=3, num_samples=5),
+                       fixed[:, None].expand(-1, 5, -1, -1))
+
+
 def test_evaluate_scores_crafted_cases_with_known_answers(tmp_path):
     """Five 16 x 16 cases with known scores: missed, false alarm, both empty, exact, half."""
     def box(rows, cols):
@@ -319,7 +365,8 @@ def test_evaluate_defaults_to_the_runs_own_test_split(tiny_run, tmp_path):
     assert metrics["images"] == 8 and metrics["data"] == {"data": None, "split": "test"}
     model, diffusion, config = load_checkpoint(tiny_run / "best_iou.pt")
     test = build_datasets(None, image_size=16, seed=config.seed, synthetic_sizes=(32, 8, 8))["test"]
-    direct = evaluate.evaluate(model, diffusion, test, tmp_path / "direct", steps=2, ensemble=5)
+    direct = evaluate.evaluate(model, diffusion, test, tmp_path / "direct", steps=2, ensemble=5,
+                               mirror=config.trained_mirrored())
     assert metrics["metrics"]["dice"]["mean"] == direct["metrics"]["dice"]["mean"]
 
 
@@ -416,6 +463,15 @@ def test_no_sampler_flags_use_the_runs_choice(tiny_run, tmp_path):
                           "--out", str(tmp_path / "k5")])["settings"]["steps"] == 2
     assert evaluate.main(["--checkpoint", str(tmp_path / "two.pt"), "--ensemble", "1",
                           "--out", str(tmp_path / "k1")])["settings"]["steps"] == 1
+    assert metrics["settings"]["mirror"] is True   # a binary run, trained with flips
+    config = state["config"]
+    torch.save({**state, "config": {**config, "flips": "off"}}, tmp_path / "unflipped.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "unflipped.pt"), "--out",
+                          str(tmp_path / "u")])["settings"]["mirror"] is False
+    assert evaluate.main(["--checkpoint", str(tmp_path / "unflipped.pt"), "--mirror", "on",
+                          "--out", str(tmp_path / "u_on")])["settings"]["mirror"] is True
+    assert evaluate.main(["--checkpoint", str(tmp_path / "two.pt"), "--mirror", "off",
+                          "--out", str(tmp_path / "off")])["settings"]["mirror"] is False
     del state["sample_steps"], state["ensemble_steps"]  # a checkpoint from before the choice
     torch.save(state, tmp_path / "old.pt")
     assert evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--ensemble", "1",
