@@ -3,8 +3,11 @@
     python benchmarks/rescore.py trained_models/reproduce/jsrt-128-seed0 \
         trained_models/reproduce/lung-64-seed0
 
-For a change that touches sampling only (the DDIM grid, the choice of steps), not training:
-the end-of-run choice of DDIM steps is made again on best_iou.pt's EMA weights and val split
+For a change that touches sampling only (the DDIM grid, the choice of steps), not training,
+or only which weights best_iou.pt keeps: this commit's rule (Progress.record_validation) is
+replayed over the run's validations (metrics.csv) and the weights it lands on are scored,
+best_iou.pt or last.pt, whichever holds that step (others were not kept: an error). The
+end-of-run choice of DDIM steps is made again on those EMA weights and the val split
 with this commit's code (train_utils.score_sample_steps, fewest_good_steps, ensemble_steps,
 as finish_run makes it), and the test split is scored as bench_quality.py scores it
 (evaluate.evaluate, one sample and a K=5 ensemble, seeded by the run's seed, mirrored as
@@ -15,6 +18,7 @@ The checkpoint is not changed. Writes <run>/rescore-<commit>/ (evaluate's files 
 results.json) and prints a markdown table.
 """
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -31,12 +35,33 @@ from train_utils import (amp_dtype, build_loaders, dataset_options,  # noqa: E40
                          ensemble_steps, fewest_good_steps, score_sample_steps)
 from bench_quality import Deterministic, mirrored_labels, score  # noqa: E402
 from reproduce import commit  # noqa: E402
-from utils import TrainConfig, load_checkpoint  # noqa: E402
+from utils import Progress, TrainConfig, load_checkpoint, read_checkpoint  # noqa: E402
+
+
+def weights_by_rule(folder):
+    """The checkpoint of a run folder that this commit's best_iou.pt rule would have left
+    there, replayed over the validations of its metrics.csv, and its step."""
+    config = TrainConfig.from_dict(read_checkpoint(folder / "last.pt")["config"])
+    progress, chosen = Progress(), None
+    with open(folder / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row["val_iou"]:
+                progress.step = int(row["step"])
+                if "best_iou.pt" in progress.record_validation(
+                        float(row["val_iou"]), float(row["val_mse"]), config.min_delta):
+                    chosen = progress.step
+    for name in ("best_iou.pt", "last.pt"):
+        if read_checkpoint(folder / name)["step"] == chosen:
+            return name, chosen
+    sys.exit(f"{folder}: the rule keeps the weights of step {chosen}, which no checkpoint holds")
 
 
 def rescore(run, ensemble, tag, device):
-    """Choose the steps again for run/ddpm/best_iou.pt and score its test split."""
-    model, diffusion, cfg = load_checkpoint(run / "ddpm" / "best_iou.pt")
+    """Choose the steps again for the weights best_iou.pt's rule keeps (weights_by_rule) and
+    score its test split."""
+    name, step = weights_by_rule(run / "ddpm")
+    print(f"{run.name}: the rule keeps step {step}: {name}", flush=True)
+    model, diffusion, cfg = load_checkpoint(run / "ddpm" / name)
     model.to(device)
     cfg.num_workers = 0
     _, _, val_loader = build_loaders(cfg, device)
@@ -74,7 +99,8 @@ def rescore(run, ensemble, tag, device):
             results["reference: U-Net, mirrored"] = score(
                 lambda image: mirrored_labels(unet.eval(), image, cfg.num_classes), test,
                 cfg.num_classes)
-    report = {"commit": tag, "run": str(run), "val_dice_by_steps": dice, "mirror": mirror,
+    report = {"commit": tag, "run": str(run), "checkpoint": name, "step": step,
+              "val_dice_by_steps": dice, "mirror": mirror,
               "results": results,
               "before": {k: v for k, v in before["results"].items() if k.startswith("DDPM")}}
     (out / "results.json").write_text(json.dumps(report, indent=2))

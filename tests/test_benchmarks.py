@@ -172,3 +172,27 @@ def test_unet_from_loads_the_same_weights_and_refuses_another_setup(tmp_path):
                                                           batch_size=8), 10.0)
     with pytest.raises(SystemExit, match="minutes"):
         bench_quality.load_baseline(tmp_path, cfg, 20.0)
+
+
+def test_rescore_replays_the_best_checkpoint_rule_over_the_logged_validations(tmp_path):
+    """rescore.weights_by_rule: the step this commit's best_iou.pt rule lands on, read from
+    metrics.csv, and the checkpoint file holding it."""
+    import rescore
+    from utils import CHECKPOINT_VERSION, TrainConfig, save_checkpoint
+    folder = tmp_path / "ddpm"
+    folder.mkdir()
+    rows = ["epoch,step,loss,val_mse,val_iou", "1,100,0.5,,", "1,100,,0.2,0.900",
+            "2,200,,0.2,0.9400", "3,300,,0.2,0.9392", "4,400,,0.2,0.920", "5,500,,0.2,0.9395"]
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    config = TrainConfig(min_delta=1e-3).to_dict()
+    for name, step in (("best_iou.pt", 300), ("last.pt", 500)):
+        save_checkpoint({"format_version": CHECKPOINT_VERSION, "model": {}, "config": config,
+                         "step": step}, folder / name)
+    # 0.9392 and 0.9395 are within 0.001 of 0.9400, 0.920 is not: the last tie, step 500
+    assert rescore.weights_by_rule(folder) == ("last.pt", 500)
+    save_checkpoint({"format_version": CHECKPOINT_VERSION, "model": {}, "config": config,
+                     "step": 400}, folder / "last.pt")
+    with pytest.raises(SystemExit, match="step 500"):
+        rescore.weights_by_rule(folder)
+    (folder / "metrics.csv").write_text("\n".join(rows[:5]) + "\n")    # to step 300
+    assert rescore.weights_by_rule(folder) == ("best_iou.pt", 300)

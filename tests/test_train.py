@@ -141,21 +141,25 @@ def test_best_checkpoint_follows_small_gains_patience_does_not():
     best = Progress()
     history = []
     cfg = TrainConfig(patience=250, min_steps=300)
-    for step, (iou, mse) in zip(range(100, 600, 100), [(0.50, 0.3), (0.5004, 0.2),
+    for step, (iou, mse) in zip(range(100, 800, 100), [(0.50, 0.3), (0.5004, 0.2),
                                                         (0.5008, 0.25), (0.5012, 0.1),
-                                                        (0.49, 0.4)]):
+                                                        (0.49, 0.4), (0.5003, 0.3),
+                                                        (0.5001, 0.3)]):
         best.step = step
-        saves = best.record_validation(iou, mse, min_delta=1e-3)
+        saves = best.record_validation(iou, mse, min_delta=1e-3, val_dice=iou + 0.1, steps=2)
         history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best.patience_step,
                         best.out_of_patience(cfg)))
     # every IoU gain saves; only the gain of 0.0012 over 0.50 (at step 400) restarts the
-    # patience count, so no point is 250 steps past a restart
+    # patience count, so no point is 250 steps past a restart. After the best (0.5012),
+    # best_iou.pt skips 0.49 and takes 0.5003, a tie within min_delta (the later weights),
+    # not 0.5001, 0.0011 below the best
     assert history == [(True, True, 100, False), (True, True, 100, False),
                        (True, False, 100, False), (True, True, 400, False),
-                       (False, False, 400, False)]
-    assert best.best_iou == 0.5012 and best.val_iou == 0.49
+                       (False, False, 400, False), (True, False, 400, False),
+                       (False, False, 400, True)]
+    assert best.best_iou == 0.5012 and best.val_iou == 0.5001
+    assert best.best_iou_dice == [2, 0.5003 + 0.1]   # the Dice of the weights it holds
     # stagnation: 250 steps after the last restart, and past min_steps, it stops
-    best.step = 650
     assert best.out_of_patience(cfg)
     assert not best.out_of_patience(TrainConfig(patience=250, min_steps=1000))
 
