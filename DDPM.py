@@ -596,7 +596,7 @@ class Diffusion:
         `generator` when None. mirror: sample s of every image sees the image flipped as
         MIRROR_VIEWS[s % 4] and its mask is flipped back (test-time mirroring, for a model
         trained with flips: the members then differ by more than their noise); sample 0
-        always sees the image as it is.
+        always sees the image as it is. A given `noise` start is taken in the member's view.
         """
         b, _, h, w = image.shape
         repeated = image.repeat_interleave(num_samples, dim=0)     # (B*S, C, H, W)

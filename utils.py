@@ -270,8 +270,9 @@ class TrainConfig:
         return self.flips == "on" or (self.flips == "auto" and self.num_classes == 2)
 
     def trained_mirrored(self):
-        """Whether the run saw its images flipped in both axes: evaluate.py's --mirror auto."""
-        return self.augment and self.flips_on()
+        """Whether the run saw its images flipped in both axes: evaluate.py's --mirror auto.
+        Folder data only: the synthetic set is not augmented (each item is new)."""
+        return self.data is not None and self.augment and self.flips_on()
 
     def describe_auto(self):
         """One line naming the settings a rule chose, for the start of a run."""

@@ -22,9 +22,9 @@ with the same EMA and the same --flags (batch size, learning rate, width, ...); 
 weights of its best validation Dice are scored. Both on the test split, threshold 0.5 (or
 arg-max); for K > 2 Dice is the mean over foreground classes, with each class's beside it.
 Where DDPM-v2's ensemble is mirrored, the U-Net is also scored with its probabilities
-averaged over the same four views ("reference: U-Net, mirrored"), so the share of a lead
-that test-time mirroring alone would give a U-Net is on the table; the targets compare
-with the plain U-Net.
+averaged over the four views, equally weighted ("reference: U-Net, mirrored"; DDPM-v2's
+K=5 sees the unflipped image twice), so the share of a lead that test-time mirroring alone
+would give a U-Net is on the table; the targets compare with the plain U-Net.
 
 The baseline trains in fp32 on the CPU: the comparison is meant for a CPU machine. On a GPU
 box, hide the GPU (CUDA_VISIBLE_DEVICES=) or DDPM-v2 gets it and the baseline does not.

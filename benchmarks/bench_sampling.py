@@ -4,7 +4,8 @@
         --data ../shared/data/lung-ct-64
 
 Rows: the full ancestral DDPM sampler (steps = T) and strided DDIM at fewer steps, each as a
-single sample and as a K-sample ensemble (mean fusion). Ensembles of the slow settings are
+single sample and as a K-sample ensemble (mean fusion; members mirrored as evaluate.py's
+--mirror auto, or as --mirror says). Ensembles of the slow settings are
 skipped above --ensemble-max-steps (a 1000-step K=5 ensemble costs 5000 forward passes per
 image). Prints a table and writes JSON (--json).
 """
@@ -24,13 +25,14 @@ from evaluate import predict, prepare_model  # noqa: E402
 from utils import load_checkpoint, overlap_scores  # noqa: E402
 
 
-def run_setting(model, diffusion, images, masks, steps, ensemble, batch_size, seed, amp):
+def run_setting(model, diffusion, images, masks, steps, ensemble, batch_size, seed, amp,
+                mirror=False):
     generator = torch.Generator().manual_seed(seed)
     dice = []
     start = time.perf_counter()
     for i in range(0, images.shape[0], batch_size):
         fused, _, _ = predict(model, diffusion, images[i:i + batch_size], steps, ensemble,
-                              "mean", generator=generator, amp=amp)
+                              "mean", generator=generator, amp=amp, mirror=mirror)
         dice.append(overlap_scores(fused.cpu() > 0.5, masks[i:i + batch_size] > 0.5)[0])
     seconds = time.perf_counter() - start
     return torch.cat(dice).mean().item(), seconds / images.shape[0]
@@ -50,6 +52,8 @@ def main():
     parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mirror", default="auto", choices=("auto", "on", "off"),
+                        help="as evaluate.py's: auto = on for a run trained with flips")
     parser.add_argument("--json", default=None, help="where to write the results")
     args = parser.parse_args()
 
@@ -58,6 +62,7 @@ def main():
         sys.exit(f"{args.checkpoint} segments {diffusion.num_classes} classes; this benchmark "
                  "scores binary masks (use evaluate.py for label maps)")
     model = prepare_model(model, torch.device(args.device), args.compile)
+    mirror = {"on": True, "off": False}.get(args.mirror, config.trained_mirrored())
     amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     data = ContourDataset(args.data, split=args.split, image_size=config.image_size,
                           channels=config.channels)
@@ -68,7 +73,7 @@ def main():
             if k > 1 and steps > args.ensemble_max_steps:
                 continue
             dice, seconds = run_setting(model, diffusion, images, masks, steps, k,
-                                        max(1, args.batch_size // k), args.seed, amp)
+                                        max(1, args.batch_size // k), args.seed, amp, mirror)
             sampler = "ancestral" if steps == diffusion.num_timesteps else "DDIM"
             rows.append({"sampler": sampler, "steps": steps, "samples": k, "dice": dice,
                          "seconds_per_image": seconds})
@@ -84,7 +89,7 @@ def main():
               f"{r['seconds_per_image']:9.4f} "
               + (f"{speedup:9.1f}" if speedup is not None else f"{'-':>9s}"))
     result = {"checkpoint": args.checkpoint, "data": args.data, "split": args.split,
-              "images": len(data), "device": args.device, "amp": args.amp,
+              "images": len(data), "device": args.device, "amp": args.amp, "mirror": mirror,
               "torch_threads": torch.get_num_threads(), "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ Each variant is `name=main.py flags` on top of the defaults (the rules by image 
 included). Runs are bounded by steps (no time limit, no early stop) like bench_shift.py,
 so --parallel N runs N at once, each pinned to one CPU, without changing the figures. Each
 best_iou.pt is then scored by evaluate.evaluate on the val split with the DDIM steps the
-run chose at its end (for one sample, and for the ensemble). Choosing defaults on val keeps
+run chose at its end (for one sample, and for the ensemble, mirrored as evaluate.py's
+--mirror auto). Choosing defaults on val keeps
 the test split for the final comparison. Prints a table and writes JSON beside the runs.
 """
 import argparse
@@ -42,10 +43,12 @@ def score_on_val(run, ensemble, seed):
     val = scored_dataset(cfg, evaluate_args(run / "best_iou.pt", None, "val"))
     row = {"steps": stored_sample_steps(state, 1, diffusion),
            "ensemble_steps": stored_sample_steps(state, ensemble, diffusion),
-           "best_step": state["step"], "best_val_iou": state["best_iou"]}
+           "best_step": state["step"], "best_val_iou": state["val_iou"]}   # the kept weights'
+    mirror = cfg.trained_mirrored()   # as evaluate.py's --mirror auto
     for k in (1, ensemble):
         m = evaluate(model, diffusion, val, run / f"eval-val-k{k}",
-                     steps=stored_sample_steps(state, k, diffusion), ensemble=k, seed=seed)
+                     steps=stored_sample_steps(state, k, diffusion), ensemble=k, seed=seed,
+                     mirror=mirror)
         row[f"dice_k{k}"] = m["metrics"]["dice"]["mean"]
         if k > 1:
             u = m["uncertainty"]

@@ -3,8 +3,8 @@
     python benchmarks/diagnose_uncertainty.py --checkpoint RUN/best_iou.pt --split val
     python benchmarks/diagnose_uncertainty.py --checkpoint RUN/best_iou.pt --steps 1 2 5
 
-Samples a K-sample ensemble (DDIM, --eta) for every image of the split the run held back,
-as evaluate.py does, once per --steps value, and prints for each: the mean Dice of the
+Samples a K-sample ensemble (DDIM, --eta; members mirrored as evaluate.py's --mirror) for
+every image of the split the run held back, as evaluate.py does, once per --steps value, and prints for each: the mean Dice of the
 fused (mean) ensemble and of its single samples; over all pixels, the share of wrongly
 segmented pixels on which the K thresholded samples disagree at all (and of the right
 ones); the pixel-error
@@ -51,17 +51,20 @@ def main():
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mirror", default="auto", choices=("auto", "on", "off"),
+                        help="as evaluate.py's: auto = on for a run trained with flips")
     args = parser.parse_args()
     model, diffusion, cfg = load_checkpoint(args.checkpoint)
     if diffusion.num_classes > 2:
         sys.exit(f"{args.checkpoint} segments {diffusion.num_classes} classes; this benchmark "
                  "scores binary masks (use evaluate.py for label maps)")
     data = scored_dataset(cfg, evaluate_args(args.checkpoint, args.data, args.split))
+    mirror = {"on": True, "off": False}.get(args.mirror, cfg.trained_mirrored())
     images, masks = map(torch.stack, zip(*[data[i] for i in range(len(data))]))
     truth = masks > 0.5
     for steps in args.steps:
         fused, samples, unc = predict(model, diffusion, images, steps, ensemble=args.ensemble,
-                                      eta=args.eta,
+                                      eta=args.eta, mirror=mirror,
                                       generator=torch.Generator().manual_seed(args.seed))
         dice = overlap_scores(fused > 0.5, truth)[0].mean().item()
         single = np.mean([overlap_scores(samples[:, k:k + 1] > 0.5, truth)[0].mean().item()
@@ -70,7 +73,8 @@ def main():
         entropy = unc["entropy"].numpy().ravel()
         votes = (samples > 0.5).float().mean(1).numpy().ravel()
         disagree = (votes > 0) & (votes < 1)
-        print(f"\n{steps} DDIM steps, eta {args.eta:g}, K={args.ensemble}, {len(data)} images: "
+        print(f"\n{steps} DDIM steps, eta {args.eta:g}, K={args.ensemble}"
+              f"{' mirrored' if mirror else ''}, {len(data)} images: "
               f"Dice fused {dice:.4f}, single samples {single:.4f}; {wrong.mean():.2%} of "
               f"pixels wrong; samples disagree on {disagree[wrong].mean():.1%} of the wrong "
               f"pixels and {disagree[~wrong].mean():.2%} of the right ones")

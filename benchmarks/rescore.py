@@ -42,7 +42,7 @@ def weights_by_rule(folder):
     """The checkpoint of a run folder that this commit's best_iou.pt rule would have left
     there, replayed over the validations of its metrics.csv, and its step."""
     config = TrainConfig.from_dict(read_checkpoint(folder / "last.pt")["config"])
-    progress, chosen = Progress(), None
+    progress, chosen = Progress(), None   # (metrics.csv rounds to 6 significant digits)
     with open(folder / "metrics.csv") as f:
         for row in csv.DictReader(f):
             if row["val_iou"]:
@@ -50,6 +50,8 @@ def weights_by_rule(folder):
                 if "best_iou.pt" in progress.record_validation(
                         float(row["val_iou"]), float(row["val_mse"]), config.min_delta):
                     chosen = progress.step
+    if chosen is None:
+        sys.exit(f"{folder}: metrics.csv logs no validation")
     for name in ("best_iou.pt", "last.pt"):
         if read_checkpoint(folder / name)["step"] == chosen:
             return name, chosen
@@ -124,7 +126,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in reports:
         for name, m in r["results"].items():
-            if "auroc" not in m:   # the U-Net, as the run scored it
+            if "auroc" not in m:   # the U-Net (as the run scored it) and its mirrored row
                 print(f"| {Path(r['run']).name} | {name} | | {m['dice']:.4f} | {m['iou']:.4f} "
                       f"| {m['hd95']:.2f} | | | | |")
                 continue

@@ -101,7 +101,7 @@ def main():
                 results.append({"model": model_name, "prediction": prediction,
                                 "minutes": seconds / 60, "best_epoch": state["epoch"],
                                 "epochs": last["epoch"], "steps": last["step"],
-                                "best_val_iou": state["best_iou"], "test_dice": dice,
+                                "best_val_iou": state["val_iou"], "test_dice": dice,
                                 "test_iou": iou, "test_images": n, "flags": flags})
         print(f"\n{'model':13s} {'prediction':10s} {'minutes':>8s} {'epochs':>6s} "
               f"{'steps':>6s} {'best epoch':>10s} {'val IoU':>8s} {'test Dice':>9s} "

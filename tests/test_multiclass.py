@@ -112,6 +112,12 @@ def test_flips_by_rule():
     names = lambda t: [type(x).__name__ for x in t.transforms]  # noqa: E731
     assert "RandomHorizontalFlip" in names(train_augmentation())
     assert "RandomHorizontalFlip" not in names(train_augmentation(flips=False))
+    # evaluate.py's --mirror auto: the ensemble is mirrored where training flipped images
+    mirrored = lambda **kw: TrainConfig(**{"data": "x", **kw}).trained_mirrored()  # noqa: E731
+    assert mirrored() is True
+    assert mirrored(num_classes=4) is False and mirrored(num_classes=4, flips="on") is True
+    assert mirrored(flips="off") is False and mirrored(augment=False) is False
+    assert mirrored(data=None) is False            # the synthetic set is never augmented
 
 
 def test_fractional_label_values_refused(tmp_path):
