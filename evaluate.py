@@ -541,9 +541,9 @@ def build_parser():
                              "when one step gives K equal samples); 25 without one")
     parser.add_argument("--ensemble", type=int, default=5, help="samples per image")
     parser.add_argument("--mirror", default="auto", choices=("auto", "on", "off"),
-                        help="ensemble members 2-4 see the image flipped left-right, "
-                             "up-down, both (then again); auto: on when the run trained with "
-                             "flips (binary masks by default)")
+                        help="ensemble members 2, 3, 4 see the image flipped left-right, "
+                             "up-down, both (5 as 1, 6 as 2, ...); auto: on when the run "
+                             "trained on folder data with flips (binary masks by default)")
     parser.add_argument("--fusion", default="mean", choices=FUSIONS)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
     parser.add_argument("--weights", default="ema", choices=("ema", "raw"))
