@@ -93,6 +93,11 @@ def predict(model, diffusion, images, steps, ensemble=1, fusion="mean", eta=0.0,
     return fused, samples, uncertainty_maps(samples)
 
 
+def mirror_setting(choice, config):
+    """--mirror auto / on / off as a bool: auto mirrors where the run trained with flips."""
+    return {"on": True, "off": False}.get(choice, config.trained_mirrored())
+
+
 def predicted_labels(fused, num_classes):
     """Label maps (B, 1, H, W), long, from fused probabilities: threshold 0.5 (binary) or
     arg-max over classes."""
@@ -627,8 +632,7 @@ def main(argv=None):
         common = dict(steps=args.steps, ensemble=args.ensemble, fusion=args.fusion,
                       batch_size=args.batch_size, seed=args.seed, amp=amp,
                       max_batch=args.max_batch,
-                      mirror={"on": True, "off": False}.get(args.mirror,
-                                                             config.trained_mirrored()))
+                      mirror=mirror_setting(args.mirror, config))
         if args.images:
             volumes = any(p.name.endswith(VOLUME_ENDINGS) for p in Path(args.images).iterdir())
             n = (predict_volumes if volumes else predict_folder)(

@@ -137,11 +137,22 @@ BASELINE_KEYS = ("data", "image_size", "channels", "val_fraction", "seed", "augm
                  "num_res_blocks", "attention_resolutions", "dropout")
 
 
+def read_baseline(run):
+    """The dict an earlier bench_quality run saved as run/unet/best_val_dice.pt."""
+    return torch.load(run / "unet" / "best_val_dice.pt", map_location="cpu", weights_only=False)
+
+
+def baseline_model(saved, cfg=None):
+    """The U-Net of a read_baseline dict, in eval mode (built from its own config by default)."""
+    model = Deterministic(cfg or TrainConfig.from_dict(saved["config"]))
+    model.load_state_dict(saved["unet"] if "unet" in saved else saved["model"])  # older key
+    return model.eval()
+
+
 def load_baseline(run, cfg, minutes):
     """The U-Net an earlier bench_quality run trained (run/unet/best_val_dice.pt) and its
     training info, after checking it was trained as train_baseline(cfg, minutes) would."""
-    saved = torch.load(run / "unet" / "best_val_dice.pt", map_location="cpu",
-                       weights_only=False)
+    saved = read_baseline(run)
     stored = TrainConfig.from_dict(saved["config"])
     differ = [k for k in BASELINE_KEYS if getattr(stored, k) != getattr(cfg, k)]
     differ += [k for k, v in dataset_options(cfg).items() if dataset_options(stored)[k] != v]
@@ -151,9 +162,7 @@ def load_baseline(run, cfg, minutes):
         differ.append(f"minutes ({ran})")
     if differ:
         sys.exit(f"--unet-from: the U-Net in {run / 'unet'} differs in {', '.join(differ)}")
-    model = Deterministic(cfg)
-    model.load_state_dict(saved["unet"] if "unet" in saved else saved["model"])  # older key
-    model.eval()
+    model = baseline_model(saved, cfg)
     print(f"reusing the U-Net of {run}: {saved['steps']} steps")
     return model, {k: v for k, v in saved.items() if k not in ("unet", "model", "config", "kind")}
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import ContourDataset  # noqa: E402
-from evaluate import predict, prepare_model  # noqa: E402
+from evaluate import mirror_setting, predict, prepare_model  # noqa: E402
 from utils import load_checkpoint, overlap_scores  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main():
         sys.exit(f"{args.checkpoint} segments {diffusion.num_classes} classes; this benchmark "
                  "scores binary masks (use evaluate.py for label maps)")
     model = prepare_model(model, torch.device(args.device), args.compile)
-    mirror = {"on": True, "off": False}.get(args.mirror, config.trained_mirrored())
+    mirror = mirror_setting(args.mirror, config)
     amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     data = ContourDataset(args.data, split=args.split, image_size=config.image_size,
                           channels=config.channels)

@@ -4,8 +4,8 @@
     python benchmarks/diagnose_uncertainty.py --checkpoint RUN/best_iou.pt --steps 1 2 5
 
 Samples a K-sample ensemble (DDIM, --eta; members mirrored as evaluate.py's --mirror) for
-every image of the split the run held back, as evaluate.py does, once per --steps value, and prints for each: the mean Dice of the
-fused (mean) ensemble and of its single samples; over all pixels, the share of wrongly
+every image of the split the run held back, as evaluate.py does, once per --steps value,
+and prints for each: the mean Dice of the fused (mean) ensemble and of its single samples; over all pixels, the share of wrongly
 segmented pixels on which the K thresholded samples disagree at all (and of the right
 ones); the pixel-error
 AUROC of the entropy of the mean probability (evaluate.py's measure), of that entropy
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluate import build_parser as evaluate_parser  # noqa: E402
-from evaluate import predict, scored_dataset  # noqa: E402
+from evaluate import mirror_setting, predict, scored_dataset  # noqa: E402
 from utils import auroc, load_checkpoint, overlap_scores  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main():
         sys.exit(f"{args.checkpoint} segments {diffusion.num_classes} classes; this benchmark "
                  "scores binary masks (use evaluate.py for label maps)")
     data = scored_dataset(cfg, evaluate_args(args.checkpoint, args.data, args.split))
-    mirror = {"on": True, "off": False}.get(args.mirror, cfg.trained_mirrored())
+    mirror = mirror_setting(args.mirror, cfg)
     images, masks = map(torch.stack, zip(*[data[i] for i in range(len(data))]))
     truth = masks > 0.5
     for steps in args.steps:

@@ -33,7 +33,7 @@ from dataset import load_split  # noqa: E402
 from evaluate import evaluate  # noqa: E402
 from train_utils import (amp_dtype, build_loaders, dataset_options,  # noqa: E402
                          ensemble_steps, fewest_good_steps, score_sample_steps)
-from bench_quality import Deterministic, mirrored_labels, score  # noqa: E402
+from bench_quality import baseline_model, mirrored_labels, read_baseline, score  # noqa: E402
 from reproduce import commit  # noqa: E402
 from utils import Progress, TrainConfig, load_checkpoint, read_checkpoint  # noqa: E402
 
@@ -93,13 +93,10 @@ def rescore(run, ensemble, tag, device):
                 c: v["dice"]["mean"] for c, v in m["per_class"].items()}
     results.update({k: v for k, v in before["results"].items() if not k.startswith("DDPM")})
     if mirror:
-        saved = torch.load(run / "unet" / "best_val_dice.pt", map_location="cpu",
-                           weights_only=False)
-        unet = Deterministic(TrainConfig.from_dict(saved["config"]))
-        unet.load_state_dict(saved["unet"] if "unet" in saved else saved["model"])
+        unet = baseline_model(read_baseline(run))
         with torch.no_grad():
             results["reference: U-Net, mirrored"] = score(
-                lambda image: mirrored_labels(unet.eval(), image, cfg.num_classes), test,
+                lambda image: mirrored_labels(unet, image, cfg.num_classes), test,
                 cfg.num_classes)
     report = {"commit": tag, "run": str(run), "checkpoint": name, "step": step,
               "val_dice_by_steps": dice, "mirror": mirror,

@@ -153,7 +153,7 @@ def test_best_checkpoint_follows_small_gains_patience_does_not():
         history.append(("best_iou.pt" in saves, "best_mse.pt" in saves, best.patience_step,
                         best.out_of_patience(cfg)))
     # every IoU gain saves; only the gain of 0.0012 over 0.50 (at step 400) restarts the
-    # patience count, so no point is 250 steps past a restart. After the best (0.5012),
+    # patience count, so only step 700 is 250 steps past a restart. After the best (0.5012),
     # best_iou.pt skips 0.49 and takes 0.5003, a tie within min_delta (the later weights),
     # not 0.5001, 0.0011 below the best
     assert history == [(True, True, 100, False), (True, True, 100, False),
